@@ -1,0 +1,135 @@
+"""Validation of what callers hand the library: ids, vectors, payloads, queries.
+
+Everything is checked before anything is written, and every error says what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from index.errors import (
+    DimensionMismatch,
+    DuplicateId,
+    EmptyBatch,
+    InvalidArgument,
+    InvalidId,
+    InvalidPayload,
+    InvalidVector,
+)
+
+PointId = str | int
+
+MAX_ID_LENGTH = 512
+_MAX_INT_ID = 2**63 - 1  # SQLite's INTEGER range
+
+
+def check_id(value: Any, where: str = "id") -> PointId:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidId(f"{where} must be a string or a non-negative integer, got {type(value).__name__}")
+    if isinstance(value, int):
+        if not 0 <= value <= _MAX_INT_ID:
+            raise InvalidId(f"{where} = {value}: integer ids must be between 0 and 2**63-1")
+    elif not value or len(value) > MAX_ID_LENGTH:
+        raise InvalidId(f"{where}: string ids must have 1 to {MAX_ID_LENGTH} characters")
+    return value
+
+
+def check_ids(ids: Sequence[Any]) -> list[PointId]:
+    if isinstance(ids, str | bytes) or not isinstance(ids, Sequence | np.ndarray):
+        raise InvalidId("ids must be a list of strings or non-negative integers")
+    checked = [check_id(v.item() if isinstance(v, np.integer) else v, f"ids[{i}]") for i, v in enumerate(ids)]
+    if not checked:
+        raise EmptyBatch("the batch is empty: pass at least one id")
+    seen: dict[PointId, int] = {}
+    for i, key in enumerate(checked):
+        if key in seen:
+            raise DuplicateId(f"id {key!r} appears twice in the batch (ids[{seen[key]}] and ids[{i}]): send each id once")
+        seen[key] = i
+    return checked
+
+
+def check_vectors(vectors: Any, *, dim: int, normalize: bool, what: str = "vectors") -> np.ndarray:
+    """``(n, dim)`` (or one ``(dim,)``) of finite numbers -> ``(n, dim) float32``, normalised if asked."""
+    try:
+        array = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidVector(f"{what} must be numbers in an (n, {dim}) array: {exc}") from None
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise DimensionMismatch(f"{what} must be an (n, {dim}) array, got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise EmptyBatch(f"{what} is empty: pass at least one vector")
+    if array.shape[1] != dim:
+        raise DimensionMismatch(f"{what} have dimension {array.shape[1]}, but the collection's dim is {dim}")
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        raise InvalidVector(f"{what}[{int(np.flatnonzero(~finite)[0])}] contains NaN or inf: send finite numbers")
+    if normalize:
+        norms = np.linalg.norm(array, axis=1, keepdims=True)
+        zero = norms[:, 0] == 0
+        if zero.any():
+            raise InvalidVector(
+                f"{what}[{int(np.flatnonzero(zero)[0])}] is all zeros: a cosine collection cannot normalise it"
+            )
+        array = array / norms
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def check_payloads(payloads: Sequence[Any] | None, n: int) -> list[str | None]:
+    """Payloads -> their JSON text (None where absent)."""
+    if payloads is None:
+        return [None] * n
+    if isinstance(payloads, dict) or len(payloads) != n:
+        raise InvalidPayload(f"payloads must be a list with one entry per id ({n}), or None")
+    out: list[str | None] = []
+    for i, payload in enumerate(payloads):
+        if payload is None:
+            out.append(None)
+            continue
+        if not isinstance(payload, dict):
+            raise InvalidPayload(f"payloads[{i}] must be a JSON object (a dict), got {type(payload).__name__}")
+        try:
+            out.append(json.dumps(payload, allow_nan=False, separators=(",", ":")))
+        except (TypeError, ValueError) as exc:
+            raise InvalidPayload(f"payloads[{i}] is not JSON-serialisable: {exc}") from None
+    return out
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise InvalidArgument(f"k must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def check_oversampling(value: Any, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise InvalidArgument(f"oversampling must be a number > 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class PointBatch:
+    """A validated upsert: ids, ``(n, dim) float32`` vectors, payloads as JSON text."""
+
+    ids: list[PointId]
+    vectors: np.ndarray
+    payloads: list[str | None]
+
+    @classmethod
+    def build(
+        cls, ids: Sequence[Any], vectors: Any, payloads: Sequence[Any] | None, *, dim: int, normalize: bool
+    ) -> PointBatch:
+        checked_ids = check_ids(ids)
+        array = check_vectors(vectors, dim=dim, normalize=normalize)
+        if len(array) != len(checked_ids):
+            raise DimensionMismatch(f"got {len(checked_ids)} ids but {len(array)} vectors: send one vector per id")
+        return cls(checked_ids, array, check_payloads(payloads, len(checked_ids)))

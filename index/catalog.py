@@ -1,0 +1,217 @@
+"""The catalog: an embedded SQLite database (WAL mode) holding ids, payloads, tombstones and config.
+
+Its transaction commit is the commit point of every write. Rows are slots in the dense vector
+file: row ``r`` of the catalog is row ``r`` of ``vectors.<generation>``. ``meta.n_rows`` is the
+number of rows committed; the dense file may hold more (an interrupted batch), never fewer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.errors import CorruptIndex
+from index.filters import Filter
+
+PointId = str | int
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- `key` has no declared type, so SQLite keeps ints as ints and strings as strings: 7 != '7'.
+CREATE TABLE IF NOT EXISTS points (
+    row INTEGER PRIMARY KEY,
+    key NOT NULL,
+    payload TEXT,
+    live INTEGER NOT NULL DEFAULT 1
+);
+CREATE UNIQUE INDEX IF NOT EXISTS points_live_key ON points(key) WHERE live = 1;
+"""
+
+_CHUNK = 900  # stays under SQLite's default limit of bound parameters per statement
+
+
+def _chunks(seq: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+class Catalog:
+    """SQLite side of a collection. Not thread-safe on its own: the collection serialises writers."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a returned commit survives power loss and SIGKILL, not only the process.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        # Searches run in many threads at once: each gets its own read connection (WAL readers
+        # do not block each other nor the writer).
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    @property
+    def _read(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            self._local.db = db
+            with self._readers_lock:
+                self._readers.append(db)
+        return db
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
+        self._db.close()
+
+    # -- meta ---------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, items: dict[str, str]) -> None:
+        with self._transaction():
+            self._set_meta(items)
+
+    def _set_meta(self, items: dict[str, str]) -> None:
+        self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", items.items())
+
+    @property
+    def n_rows(self) -> int:
+        value = self.get_meta("n_rows")
+        return 0 if value is None else int(value)
+
+    def _transaction(self) -> sqlite3.Connection:
+        return _Transaction(self._db)  # type: ignore[return-value]  # context manager only
+
+    # -- writes -------------------------------------------------------------------------------
+    def commit_upsert(
+        self, keys: Sequence[PointId], payloads: Sequence[str | None], first_row: int
+    ) -> np.ndarray:
+        """Insert ``keys`` at rows ``first_row...``; tombstone the rows they replace. One transaction.
+
+        Returns the replaced rows, ``(r,) int64``.
+        """
+        with self._transaction():
+            replaced = self._live_rows(keys)
+            if len(replaced):
+                self._tombstone(replaced)
+            rows = range(first_row, first_row + len(keys))
+            self._db.executemany(
+                "INSERT INTO points(row, key, payload, live) VALUES (?, ?, ?, 1)",
+                zip(rows, keys, payloads, strict=True),
+            )
+            self._set_meta({"n_rows": str(first_row + len(keys))})
+        return replaced
+
+    def commit_delete(self, keys: Sequence[PointId]) -> np.ndarray:
+        """Tombstone the live points with these keys; returns their rows."""
+        with self._transaction():
+            rows = self._live_rows(keys)
+            if len(rows):
+                self._tombstone(rows)
+        return rows
+
+    def commit_compaction(self, meta: dict[str, str]) -> None:
+        """Renumber the live rows 0..n-1 in row order and drop the dead ones, with ``meta``."""
+        with self._transaction():
+            self._db.execute("DELETE FROM points WHERE live = 0")
+            # Two steps so that the primary key never collides mid-update: shift out, then in.
+            self._db.execute("UPDATE points SET row = -1 - row")
+            self._db.execute(
+                "UPDATE points SET row = r.n FROM (SELECT row AS old, "
+                "ROW_NUMBER() OVER (ORDER BY row DESC) - 1 AS n FROM points) AS r "
+                "WHERE points.row = r.old"
+            )
+            self._set_meta(meta)
+
+    def _live_rows(self, keys: Sequence[PointId]) -> np.ndarray:
+        found: list[int] = []
+        for chunk in _chunks(keys):
+            marks = ",".join("?" * len(chunk))
+            found.extend(
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT row FROM points WHERE live = 1 AND key IN ({marks})", tuple(chunk)
+                )
+            )
+        return np.asarray(found, dtype=np.int64)
+
+    def _tombstone(self, rows: np.ndarray) -> None:
+        for chunk in _chunks(rows.tolist()):
+            marks = ",".join("?" * len(chunk))
+            self._db.execute(f"UPDATE points SET live = 0 WHERE row IN ({marks})", tuple(chunk))
+
+    # -- reads --------------------------------------------------------------------------------
+    def count(self) -> int:
+        return int(self._read.execute("SELECT COUNT(*) FROM points WHERE live = 1").fetchone()[0])
+
+    def dead_rows(self) -> np.ndarray:
+        rows = self._read.execute("SELECT row FROM points WHERE live = 0").fetchall()
+        return np.asarray([r[0] for r in rows], dtype=np.int64)
+
+    def max_row(self) -> int:
+        value = self._db.execute("SELECT MAX(row) FROM points").fetchone()[0]
+        return -1 if value is None else int(value)
+
+    def find(self, key: PointId) -> tuple[int, dict[str, Any] | None] | None:
+        row = self._read.execute(
+            "SELECT row, payload FROM points WHERE live = 1 AND key = ?", (key,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), _load(row[1]))
+
+    def describe(
+        self, rows: Iterable[int], *, with_payload: bool = True
+    ) -> dict[int, tuple[PointId, dict[str, Any] | None]]:
+        """``row -> (id, payload)`` for the given rows."""
+        rows = list(rows)
+        column = "payload" if with_payload else "NULL"
+        out: dict[int, tuple[PointId, dict[str, Any] | None]] = {}
+        for chunk in _chunks(rows):
+            marks = ",".join("?" * len(chunk))
+            for row, key, payload in self._read.execute(
+                f"SELECT row, key, {column} FROM points WHERE row IN ({marks})", tuple(chunk)
+            ):
+                out[int(row)] = (key, _load(payload))
+        return out
+
+    def matching_rows(self, flt: Filter) -> np.ndarray:
+        """Live rows whose payload passes the filter, ascending, ``(m,) int64``."""
+        where, params = flt.to_sql("payload")
+        cursor = self._read.execute(
+            f"SELECT row FROM points WHERE live = 1 AND ({where}) ORDER BY row", params
+        )
+        return np.fromiter((r[0] for r in cursor), dtype=np.int64)
+
+    def check(self, n_rows: int) -> None:
+        top = self.max_row()
+        if top >= n_rows:
+            raise CorruptIndex(
+                f"catalog holds row {top} but records only {n_rows} committed rows; "
+                "the catalog was modified outside tandem: restore the collection from a backup"
+            )
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _load(payload: str | None) -> dict[str, Any] | None:
+    return None if payload is None else json.loads(payload)  # type: ignore[no-any-return]

@@ -1,0 +1,385 @@
+"""A collection: the catalog (SQLite), the dense vectors on disk, and the coarse stage in RAM.
+
+Write protocol (one ``upsert`` is atomic and durable once it returns):
+1. validate everything; nothing is written for bad input;
+2. append the vectors after the committed rows of the dense file, fsync;
+3. one SQLite transaction: insert ids and payloads, tombstone replaced ids, bump ``n_rows``;
+   its commit is the commit point;
+4. update the in-RAM coarse stage.
+A crash before 3 leaves extra rows past ``n_rows`` that ``open`` cuts off; a crash after 3 is
+caught up at ``open`` by re-encoding the rows the last coarse checkpoint lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from index import coarse as coarse_mod
+from index.batch import PointBatch, PointId, check_id, check_ids, check_k, check_oversampling, check_vectors
+from index.catalog import Catalog
+from index.config import CollectionConfig
+from index.coarse import BinaryCoarse, PQCoarse
+from index.dense_store import DenseStore
+from index.errors import CollectionExists, CollectionNotFound, CorruptIndex
+from index.filters import Filter
+from index.locks import ReadWriteLock
+
+FORMAT_VERSION = "1"
+CATALOG = "catalog.sqlite"
+#: Save the coarse stage once this many rows were added since the last save, so that ``open``
+#: never has to re-encode more than this many rows from disk.
+CHECKPOINT_ROWS = 262_144
+#: A filter that leaves at most this many rows is answered exactly, straight from disk.
+EXACT_FILTER_ROWS = 2_048
+
+
+class Hit(NamedTuple):
+    id: PointId
+    score: float
+    payload: dict[str, Any] | None
+
+
+class Point(NamedTuple):
+    id: PointId
+    vector: np.ndarray
+    payload: dict[str, Any] | None
+
+
+class SearchResult(NamedTuple):
+    hits: list[list[Hit]]
+    coarse_s: float
+    rerank_s: float
+    candidates: int  # rows reranked exactly, per query
+
+
+class CollectionStats(NamedTuple):
+    points: int
+    ram_bytes: int
+    disk_bytes: int
+
+
+class Collection:
+    """Open with ``Collection.create`` or ``Collection.open``; thread-safe; close when done."""
+
+    def __init__(self, path: Path, catalog: Catalog, config: CollectionConfig) -> None:
+        self.path = path
+        self.config = config
+        self._catalog = catalog
+        self._lock = ReadWriteLock()
+        self._generation = int(catalog.get_meta("generation") or 0)
+        n_rows = catalog.n_rows
+        catalog.check(n_rows)
+        self._dense = DenseStore(self._vectors_path(self._generation), dim=config.dim, dtype=config.dtype, n_rows=n_rows)
+        self._live = np.ones(n_rows, dtype=bool)
+        self._live[catalog.dead_rows()] = False
+        self._n_dead = int(n_rows - self._live.sum())
+        self._remove_stale_files()
+        self._coarse = coarse_mod.make_coarse(config, config.dim)
+        self._saved_rows = 0
+        self._load_coarse()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, config: CollectionConfig) -> Collection:
+        """Create an empty collection in a new directory ``path`` (atomically: all or nothing)."""
+        path = Path(path)
+        if (path / CATALOG).exists() or (path.exists() and any(path.iterdir())):
+            raise CollectionExists(f"{path} already exists: open it, or pick another path")
+        staging = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
+        staging.mkdir(parents=True)
+        catalog = Catalog(staging / CATALOG)
+        catalog.set_meta({"config": config.model_dump_json(), "format": FORMAT_VERSION, "generation": "0", "n_rows": "0"})
+        catalog.close()
+        if path.exists():
+            path.rmdir()
+        staging.rename(path)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Collection:
+        path = Path(path)
+        if not (path / CATALOG).is_file():
+            raise CollectionNotFound(f"no collection at {path}: create it first")
+        catalog = Catalog(path / CATALOG)
+        try:
+            raw = catalog.get_meta("config")
+            if raw is None:
+                raise CorruptIndex(f"{path / CATALOG} has no config: it is not a tandem collection")
+            try:
+                config = CollectionConfig.model_validate_json(raw)
+            except ValueError as exc:
+                raise CorruptIndex(f"{path / CATALOG} holds an unreadable config: {exc}") from None
+            return cls(path, catalog, config)
+        except BaseException:
+            catalog.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock.write():
+            if self._coarse is not None and self._coarse.rows != self._saved_rows:
+                self._save_coarse()
+            self._dense.close()
+            self._catalog.close()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- writes -------------------------------------------------------------------------------
+    def upsert(self, ids: Sequence[PointId], vectors: Any, payloads: Sequence[Any] | None = None) -> int:
+        """Insert or replace points; ``vectors`` is ``(n, dim)``. All or nothing. Returns n."""
+        batch = PointBatch.build(ids, vectors, payloads, dim=self.config.dim, normalize=self._normalize)
+        with self._lock.write():
+            first = self._dense.append(batch.vectors)
+            try:
+                replaced = self._catalog.commit_upsert(batch.ids, batch.payloads, first)
+            except BaseException:
+                self._dense.rollback()
+                raise
+            self._dense.publish(first + len(batch.ids))
+            self._live = np.concatenate([self._live, np.ones(len(batch.ids), dtype=bool)])
+            self._mark_dead(replaced)
+            if self._coarse is not None:
+                self._coarse.add(batch.vectors)
+                if self._coarse.needs_rebuild():
+                    self._coarse.rebuild(self._dense.scan)
+                    self._save_coarse()
+                elif self._coarse.rows - self._saved_rows >= CHECKPOINT_ROWS:
+                    self._save_coarse()
+        return len(batch.ids)
+
+    def delete(self, ids: Sequence[PointId]) -> int:
+        """Tombstone points; returns how many existed. Unknown ids are ignored."""
+        keys = check_ids(ids)
+        with self._lock.write():
+            rows = self._catalog.commit_delete(keys)
+            self._mark_dead(rows)
+        return len(rows)
+
+    def _mark_dead(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self._live[rows] = False
+            self._n_dead += len(rows)
+
+    def compact(self) -> None:
+        """Rewrite the files without deleted or replaced points, and refit the coarse stage."""
+        with self._lock.write():
+            keep = np.flatnonzero(self._live)
+            generation = self._generation + 1
+            new_path = self._vectors_path(generation)
+            new_path.unlink(missing_ok=True)
+            fresh = DenseStore(new_path, dim=self.config.dim, dtype=self.config.dtype, n_rows=0)
+            for start in range(0, len(keep), 32768):
+                fresh.append(self._dense.read(keep[start : start + 32768]))
+                fresh.publish(fresh.n_rows + len(keep[start : start + 32768]))
+            self._catalog.commit_compaction({"generation": str(generation), "n_rows": str(len(keep))})
+            old = self._dense
+            self._dense, self._generation = fresh, generation
+            old.close()
+            old.path.unlink(missing_ok=True)
+            self._live = np.ones(len(keep), dtype=bool)
+            self._n_dead = 0
+            if self._coarse is not None:
+                self._coarse = coarse_mod.make_coarse(self.config, self.config.dim)
+                assert self._coarse is not None  # noqa: S101 - same kind as before; for mypy
+                self._coarse.rebuild(self._dense.scan)
+                self._save_coarse()
+
+    # -- reads --------------------------------------------------------------------------------
+    def count(self) -> int:
+        return int(len(self._live) - self._n_dead)
+
+    def get(self, id: PointId) -> Point | None:
+        """The point's id, stored vector (normalised for cosine) and payload; None if absent."""
+        key = check_id(id)
+        with self._lock.read():
+            found = self._catalog.find(key)
+            if found is None:
+                return None
+            row, payload = found
+            return Point(key, self._dense.read(np.array([row]))[0], payload)
+
+    def search(
+        self,
+        queries: Any,
+        k: int = 10,
+        *,
+        oversampling: float | None = None,
+        filter: Any = None,
+        exact: bool = False,
+        with_payload: bool = True,
+    ) -> list[list[Hit]]:
+        """Per query, the ``k`` best hits, best first. ``queries``: ``(q, dim)`` or ``(dim,)``."""
+        return self.search_detailed(
+            queries, k, oversampling=oversampling, filter=filter, exact=exact, with_payload=with_payload
+        ).hits
+
+    def search_detailed(
+        self,
+        queries: Any,
+        k: int = 10,
+        *,
+        oversampling: float | None = None,
+        filter: Any = None,
+        exact: bool = False,
+        with_payload: bool = True,
+    ) -> SearchResult:
+        """``search`` with the time spent in each stage and the number of rows reranked."""
+        q = check_vectors(queries, dim=self.config.dim, normalize=self._normalize, what="queries")
+        k = check_k(k)
+        factor = check_oversampling(oversampling, self.config.effective_oversampling)
+        flt = Filter.parse(filter) if filter is not None else None
+        n_rerank = max(k, math.ceil(k * factor))
+        with self._lock.read():
+            t0 = time.perf_counter()
+            allowed, allowed_rows = self._allowed(flt)
+            coarse = self._coarse
+            usable = coarse is not None and not (isinstance(coarse, PQCoarse) and not coarse.trained)
+            small = allowed_rows is not None and len(allowed_rows) <= max(n_rerank, EXACT_FILTER_ROWS)
+            if exact or not usable or small:
+                t1 = time.perf_counter()
+                rows, scores = self._exact(q, k, allowed, allowed_rows)
+                candidates = len(allowed_rows) if allowed_rows is not None else self.count()
+            else:
+                assert coarse is not None  # noqa: S101 - checked by `usable`; for mypy
+                shortlist = math.ceil(n_rerank * self.config.shortlist_factor)
+                candidate_rows = coarse.candidates(q, n_rerank, shortlist=shortlist, allowed=allowed)
+                t1 = time.perf_counter()
+                rows, scores = self._rerank(q, candidate_rows, k)
+                candidates = n_rerank
+            t2 = time.perf_counter()
+            hits = self._hits(rows, scores, with_payload)
+        return SearchResult(hits, t1 - t0, t2 - t1, candidates)
+
+    def _allowed(self, flt: Filter | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The mask of rows a search may return (None: all) and, for a filter, their row numbers."""
+        if flt is not None:
+            rows = self._catalog.matching_rows(flt)
+            mask = np.zeros(len(self._live), dtype=bool)
+            mask[rows[rows < len(mask)]] = True
+            return mask, rows[rows < len(mask)]
+        return (self._live if self._n_dead else None), None
+
+    def _exact(
+        self, q: np.ndarray, k: int, allowed: np.ndarray | None, allowed_rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the stored vectors: ``(q, k)`` rows and scores, -1 padded."""
+        if allowed_rows is not None and len(allowed_rows) <= 65536:
+            return _top_rows(q @ self._dense.read(allowed_rows).T, allowed_rows[None, :].repeat(len(q), 0), k)
+        best_rows = np.full((len(q), 0), -1, dtype=np.int64)
+        best_scores = np.empty((len(q), 0), dtype=np.float32)
+        for start, block in self._dense.scan():
+            scores = q @ block.T
+            if allowed is not None:
+                scores[:, ~allowed[start : start + len(block)]] = -np.inf
+            rows = np.arange(start, start + len(block), dtype=np.int64)[None, :].repeat(len(q), 0)
+            best_rows, best_scores = _top_rows(
+                np.concatenate([best_scores, scores], axis=1), np.concatenate([best_rows, rows], axis=1), k
+            )
+        return best_rows, best_scores
+
+    def _rerank(self, q: np.ndarray, candidate_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores for the candidates only, read from disk in one pass for all queries."""
+        unique = np.unique(candidate_rows[candidate_rows >= 0])
+        vectors = self._dense.read(unique)
+        position = np.searchsorted(unique, np.maximum(candidate_rows, 0))
+        scores = np.einsum("qcd,qd->qc", vectors[position], q) if len(unique) else np.zeros(candidate_rows.shape, np.float32)
+        scores = np.where(candidate_rows >= 0, scores, -np.inf).astype(np.float32)
+        return _top_rows(scores, candidate_rows, k)
+
+    def _hits(self, rows: np.ndarray, scores: np.ndarray, with_payload: bool) -> list[list[Hit]]:
+        described = self._catalog.describe(np.unique(rows[rows >= 0]).tolist(), with_payload=with_payload)
+        return [
+            [Hit(*described[r][:1], float(s), described[r][1]) for r, s in zip(rr.tolist(), ss.tolist(), strict=True) if r >= 0]
+            for rr, ss in zip(rows, scores, strict=True)
+        ]
+
+    def stats(self) -> CollectionStats:
+        ram = self._live.nbytes + (self._coarse.ram_bytes() if self._coarse is not None else 0)
+        disk = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        return CollectionStats(self.count(), int(ram), int(disk))
+
+    # -- files --------------------------------------------------------------------------------
+    @property
+    def _normalize(self) -> bool:
+        return self.config.metric == "cosine"
+
+    def _vectors_path(self, generation: int) -> Path:
+        return self.path / f"vectors.{generation}.{'f32' if self.config.dtype == 'float32' else 'f16'}"
+
+    def _remove_stale_files(self) -> None:
+        """Files of an older generation or of an interrupted compaction."""
+        current = self._vectors_path(self._generation).name
+        for f in self.path.glob("vectors.*"):
+            if f.name != current:
+                f.unlink()
+
+    def _save_coarse(self) -> None:
+        assert self._coarse is not None  # noqa: S101 - callers check; for mypy
+        tag = f"{self._generation}-{self._coarse.rows}-{uuid.uuid4().hex[:6]}"
+        state = self._coarse.save(self.path, tag)
+        state.update(kind=self.config.coarse, generation=self._generation)
+        coarse_mod.save_state(self.path, state)
+        for f in self.path.glob("coarse.*"):
+            if f.name not in ("coarse.json", state.get("file")):
+                f.unlink()
+        self._saved_rows = self._coarse.rows
+
+    def _load_coarse(self) -> None:
+        """Load the last coarse checkpoint and catch up with the rows committed after it.
+
+        A checkpoint that is missing, unreadable, of another generation or ahead of the catalog is
+        not trusted: the coarse stage is rebuilt from the dense vectors, the source of truth.
+        """
+        coarse = self._coarse
+        if coarse is None:
+            return
+        n_rows = self._dense.n_rows
+        try:
+            state = json.loads((self.path / "coarse.json").read_text())
+            if state.get("generation") != self._generation or state.get("kind") != self.config.coarse:
+                raise ValueError("checkpoint of another generation")
+            if int(state["rows"]) > n_rows:
+                raise ValueError("checkpoint ahead of the catalog")
+            coarse.load(self.path, state)
+            self._saved_rows = coarse.rows
+        except (OSError, ValueError, KeyError, RuntimeError):
+            coarse.rebuild(self._dense.scan)
+            if n_rows:
+                self._save_coarse()
+            return
+        if coarse.rows < n_rows:
+            for start in range(coarse.rows, n_rows, 32768):
+                coarse.add(self._dense.read(np.arange(start, min(start + 32768, n_rows))))
+            if coarse.needs_rebuild():
+                coarse.rebuild(self._dense.scan)
+            self._save_coarse()
+
+    def drop(self) -> None:
+        """Close the collection and delete its directory."""
+        self.close()
+        shutil.rmtree(self.path)
+
+
+def _top_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``scores`` (q, c), the k best: ``(q, min(k, c))`` rows and scores, best first."""
+    if scores.shape[1] > k:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        scores = np.take_along_axis(scores, part, axis=1)
+        rows = np.take_along_axis(rows, part, axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    scores = np.take_along_axis(scores, order, axis=1)
+    rows = np.take_along_axis(rows, order, axis=1)
+    rows = np.where(np.isfinite(scores), rows, -1)
+    return rows, scores

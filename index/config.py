@@ -1,0 +1,55 @@
+"""Collection configuration: what a collection is, fixed at creation and stored in its catalog."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Metric = Literal["cosine", "dot"]
+CoarseKind = Literal["binary", "pq", "flat"]
+DenseDtype = Literal["float32", "float16"]
+BinaryTransform = Literal["sign", "center", "rotate"]
+
+# Chosen from benchmarks/index_bench.py on 117,659 real MiniLM gloss vectors (README, "Performance"):
+# with a Hamming shortlist of 4x rescored asymmetrically in RAM, 10x k rows read from disk gave
+# recall@10 >= 0.99 with margin; PQ needs a wider net because its codes are coarser.
+DEFAULT_OVERSAMPLING: dict[str, float] = {"binary": 10.0, "pq": 20.0, "flat": 1.0}
+
+
+class MultiVectorConfig(BaseModel):
+    """MUVERA parameters of a multi-vector collection (see ``index.fde``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    k_sim: int = Field(5, ge=0, le=10, description="SimHash hyperplanes: 2**k_sim buckets")
+    d_proj: int = Field(16, ge=1, description="inner random projection dimension per bucket")
+    r_reps: int = Field(20, ge=1, le=200, description="independent repetitions")
+    seed: int = Field(42, ge=0)
+    d_final: int | None = Field(None, ge=1, description="optional final projection dimension")
+    max_vectors: int = Field(2048, ge=1, description="largest vector set accepted per point")
+
+
+class CollectionConfig(BaseModel):
+    """Everything that defines a collection. Immutable once the collection exists."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dim: int = Field(..., ge=1, le=65536, description="dimension of the stored vectors")
+    metric: Metric = "cosine"
+    coarse: CoarseKind = "binary"
+    dtype: DenseDtype = Field("float32", description="dtype of the full vectors on disk")
+    oversampling: float | None = Field(
+        None, gt=0, le=1000, description="rows reranked from disk = k * oversampling; None: per-kind default"
+    )
+    binary_transform: BinaryTransform = Field(
+        "center", description="what the sign bits are taken of: the raw vector, minus the corpus mean, or rotated"
+    )
+    shortlist_factor: float = Field(
+        4.0, ge=1, le=64, description="Hamming shortlist = shortlist_factor x rows reranked from disk"
+    )
+    multivector: MultiVectorConfig | None = None
+
+    @property
+    def effective_oversampling(self) -> float:
+        return self.oversampling if self.oversampling is not None else DEFAULT_OVERSAMPLING[self.coarse]

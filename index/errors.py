@@ -1,0 +1,63 @@
+"""Typed errors of the index library.
+
+Every message says what was wrong and how to fix it; the service maps these types to HTTP
+status codes in one table (``service/errors.py``).
+"""
+
+from __future__ import annotations
+
+
+class TandemError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+
+class InvalidInput(TandemError, ValueError):
+    """The caller passed something the library cannot accept; nothing was written."""
+
+
+class DimensionMismatch(InvalidInput):
+    """A vector's length differs from the collection's ``dim``."""
+
+
+class InvalidVector(InvalidInput):
+    """A vector holds NaN or inf, or cannot be normalised (zero vector under cosine)."""
+
+
+class InvalidId(InvalidInput):
+    """A point id is neither a string nor a non-negative integer."""
+
+
+class DuplicateId(InvalidInput):
+    """The same id appears twice in one batch."""
+
+
+class InvalidPayload(InvalidInput):
+    """A payload is not a JSON object."""
+
+
+class InvalidFilter(InvalidInput):
+    """A filter is malformed or uses an unknown operator."""
+
+
+class EmptyBatch(InvalidInput):
+    """A batch with no points, or a vector set with no vectors."""
+
+
+class InvalidArgument(InvalidInput):
+    """Any other argument out of range (``k < 1``, ``oversampling <= 0``, bad config...)."""
+
+
+class CollectionNotFound(TandemError, LookupError):
+    """No collection at the given path or under the given name."""
+
+
+class CollectionExists(TandemError):
+    """A collection already exists at the given path or under the given name."""
+
+
+class PointNotFound(TandemError, LookupError):
+    """No point with the given id."""
+
+
+class CorruptIndex(TandemError):
+    """The collection's files disagree and cannot be recovered to a committed state."""
