@@ -34,7 +34,7 @@ def check_id(value: Any, where: str = "id") -> PointId:
         raise InvalidId(f"{where} must be a string or a non-negative integer, got {type(value).__name__}")
     if isinstance(value, int):
         if not 0 <= value <= _MAX_INT_ID:
-            raise InvalidId(f"{where} = {value}: integer ids must be between 0 and 2**63-1")
+            raise InvalidId(f"{where} = {value}: integer ids must be non-negative and below 2**63")
     elif not value or len(value) > MAX_ID_LENGTH:
         raise InvalidId(f"{where}: string ids must have 1 to {MAX_ID_LENGTH} characters")
     return value

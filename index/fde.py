@@ -131,10 +131,8 @@ class FDEEncoder:
         # (dim, r_reps * d_proj) float64, or None when d_proj == dim (buckets kept unprojected).
         self._projection: npt.NDArray[np.float64] | None = None
         if p.d_proj < self.dim:
-            scaled = signs.astype(np.float64) / np.sqrt(p.d_proj)
-            self._projection = np.ascontiguousarray(scaled.transpose(1, 0, 2)).reshape(
-                self.dim, p.r_reps * p.d_proj
-            )
+            scaled = signs.transpose(1, 0, 2).reshape(self.dim, p.r_reps * p.d_proj)
+            self._projection = np.ascontiguousarray(scaled / np.sqrt(p.d_proj))
         # (concat_dim, d_final) float32 +-1/sqrt(d_final), drawn after fastembed's matrices.
         self._final: Float32Array | None = None
         if p.d_final is not None:
@@ -187,76 +185,92 @@ class FDEEncoder:
         p = self.params
         max_sets = max(1, _CHUNK_CELLS // (p.r_reps * p.buckets * max(p.buckets, p.d_proj)))
         for start, stop in _chunks(arrays, max_tokens=_CHUNK_TOKENS, max_sets=max_sets):
-            tokens = np.concatenate(arrays[start:stop], axis=0, dtype=np.float64)  # (t, dim)
+            chunk = arrays[start:stop]
+            # float64 as fastembed: a SimHash sign flipped by rounding would move a vector to
+            # another bucket. (float32 halves the time but not the encoder's share of a request.)
+            tokens = np.concatenate(chunk, axis=0, dtype=np.float64)  # (t, dim)
             _check_finite(tokens, arrays, start, kind=kind)
-            lengths = np.fromiter((len(a) for a in arrays[start:stop]), np.int64, stop - start)
-            concat = self._encode_chunk(tokens, lengths, document=document)
+            lengths = np.fromiter((len(a) for a in chunk), np.int64, stop - start)
+            bucket = self._buckets(tokens)
+            concat = self._pool(tokens, bucket, lengths, document=document)
             if self._final is not None:
                 out[start:stop] = concat.astype(np.float32) @ self._final
             else:
                 out[start:stop] = concat
         return out
 
-    def _encode_chunk(
-        self, tokens: npt.NDArray[np.float64], lengths: npt.NDArray[np.int64], *, document: bool
+    def _buckets(self, tokens: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+        """SimHash bucket ids ``(t, r_reps)`` int64 of ``tokens (t, dim)`` float64."""
+        p = self.params
+        n_tokens = len(tokens)
+        if p.k_sim == 0:
+            return np.zeros((n_tokens, p.r_reps), dtype=np.int64)
+        above = (tokens @ self._hyperplanes > 0).reshape(n_tokens, p.r_reps, p.k_sim)
+        return above @ self._bit_values
+
+    def _pool(
+        self,
+        tokens: npt.NDArray[np.float64],
+        bucket: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.int64],
+        *,
+        document: bool,
     ) -> npt.NDArray[np.float64]:
-        """``tokens (t, dim)`` float64 of ``n`` sets of ``lengths (n,)`` -> ``(n, concat_dim)``."""
+        """Bucket sums or averages of ``n`` sets, projected: ``(n, concat_dim)`` float64.
+
+        ``tokens (t, dim)`` float64 are the sets' vectors back to back, ``bucket (t, r_reps)``
+        their bucket ids, ``lengths (n,)`` the sizes of the sets.
+        """
         p = self.params
         n, n_tokens = len(lengths), len(tokens)
         reps, n_buckets, d_proj = p.r_reps, p.buckets, p.d_proj
-
-        # Bucket of every (token, repetition): (t, r_reps) int64.
-        above = (tokens @ self._hyperplanes > 0).reshape(n_tokens, reps, p.k_sim)
-        bucket = above @ self._bit_values if p.k_sim else np.zeros((n_tokens, reps), np.int64)
-        # Projection is linear, so projecting each token before summing equals projecting sums.
+        # Projection is linear: summing projected vectors equals projecting their sum, and the
+        # projected vectors are fewer numbers to sum (r_reps * d_proj per token, not dim per cell).
         if self._projection is not None:
-            projected = (tokens @ self._projection).reshape(n_tokens * reps, d_proj)
+            projected = tokens @ self._projection  # (t, r_reps * d_proj)
         else:
-            projected = np.tile(tokens, (1, reps)).reshape(n_tokens * reps, d_proj)
-
-        # Cell (set, repetition, bucket) of every row of `projected`, in output order.
+            projected = np.tile(tokens, (1, reps))
+        rows = projected.reshape(n_tokens * reps, d_proj)  # row t * r_reps + r
+        # Cell (set, repetition, bucket) of every row, numbered in output order.
         set_of_token = np.repeat(np.arange(n, dtype=np.int64), lengths)
         cell = ((set_of_token[:, None] * reps + np.arange(reps)) * n_buckets + bucket).ravel()
         n_cells = n * reps * n_buckets
-        # A stable sort keeps each cell's rows in token order: its first row is its first token.
-        order = np.argsort(cell, kind="stable")
-        sorted_cell = cell[order]
-        starts = np.flatnonzero(np.r_[True, sorted_cell[1:] != sorted_cell[:-1]])
-        occupied = sorted_cell[starts]
 
-        centers = np.zeros((n_cells, d_proj), dtype=np.float64)
-        centers[occupied] = np.add.reduceat(projected[order], starts, axis=0)
+        counts = np.bincount(cell, minlength=n_cells)
+        columns = np.ascontiguousarray(rows.T)  # (d_proj, t * r_reps)
+        centers = np.empty((n_cells, d_proj), dtype=np.float64)
+        for j in range(d_proj):  # over output coordinates; bincount sums in float64
+            centers[:, j] = np.bincount(cell, weights=columns[j], minlength=n_cells)
         if document:
-            counts = np.diff(np.r_[starts, len(order)])
-            centers[occupied] /= counts[:, None]
-            empty = np.ones(n_cells, dtype=bool)
-            empty[occupied] = False
+            empty = counts == 0
+            np.divide(centers, counts[:, None], out=centers, where=~empty[:, None])
             if empty.any():
-                first_row = np.empty(n_cells, dtype=np.int64)
-                first_row[occupied] = order[starts]
-                self._fill_empty(centers, projected, empty, first_row)
+                # First row, that is first token, of every cell; empty cells keep len(rows).
+                first_row = np.full(n_cells, len(rows), dtype=np.int64)
+                np.minimum.at(first_row, cell, np.arange(len(rows), dtype=np.int64))
+                self._fill_empty(centers, rows, empty, first_row)
         return centers.reshape(n, reps * n_buckets * d_proj)
 
     def _fill_empty(
         self,
         centers: npt.NDArray[np.float64],
-        projected: npt.NDArray[np.float64],
+        rows: npt.NDArray[np.float64],
         empty: npt.NDArray[np.bool_],
         first_row: npt.NDArray[np.int64],
     ) -> None:
         """Give each empty cell the first vector of the nearest occupied bucket, in place.
 
-        ``centers (cells, d_proj)``; ``projected (t * r_reps, d_proj)``; ``empty (cells,)``;
-        ``first_row (cells,)``: row of ``projected`` of each occupied cell's first token.
+        ``centers (cells, d_proj)``; ``rows (t * r_reps, d_proj)`` projected vectors;
+        ``empty (cells,)``; ``first_row (cells,)``: row of each occupied cell's first token.
         """
         n_buckets = self.params.buckets
-        empty_by_row = empty.reshape(-1, n_buckets)  # (n * r_reps, buckets)
-        rows, buckets = np.nonzero(empty_by_row)
-        # Every set has a vector, so every (set, repetition) row has an occupied bucket.
-        distance = np.where(empty_by_row[rows], np.uint8(255), self._hamming[buckets])
+        empty_by_set_rep = empty.reshape(-1, n_buckets)  # (n * r_reps, buckets)
+        set_rep, buckets = np.nonzero(empty_by_set_rep)
+        # Every set has a vector, so every (set, repetition) has an occupied bucket.
+        distance = np.where(empty_by_set_rep[set_rep], np.uint8(255), self._hamming[buckets])
         nearest = np.argmin(distance, axis=1)  # lowest bucket id among ties, as fastembed
-        source = rows * n_buckets + nearest
-        centers[rows * n_buckets + buckets] = projected[first_row[source]]
+        source = set_rep * n_buckets + nearest
+        centers[set_rep * n_buckets + buckets] = rows[first_row[source]]
 
 
 def chamfer(query: VectorSet, docs: Sequence[VectorSet]) -> Float32Array:
