@@ -62,14 +62,26 @@ class BinaryCoarse:
 
     ``transform``: ``sign`` of the raw vector, ``center`` (minus the corpus mean), or ``rotate``
     (a fixed random orthogonal rotation). ``benchmarks/index_bench.py`` measures all three.
+
+    The codes are held once, in row order, in one numpy buffer: faiss's ``knn_hamming`` scans
+    them without an index of its own, and the asymmetric rescoring looks rows up in them.
+    Small collections are scanned whole. Past ``IVF_ROWS`` rows a scan costs more than our
+    latency budget (8.4 ms for 1M codes on one core), so rows are also bucketed by their
+    nearest of ``nlist`` binary k-means centroids (an inverted file) and a query scans only the
+    ``nprobe`` nearest buckets: 4 + 4 more bytes per row (bucket id, position in bucket order).
     """
 
     #: Re-estimate the mean (and re-encode) when the collection doubles, up to this size.
     REFIT_LIMIT = 2_000_000
+    #: From this many rows on, search through the inverted file (measured in index_bench).
+    IVF_ROWS = 200_000
+    #: Rows added since the inverted file was last sorted are scanned whole until this many.
+    IVF_TAIL_ROWS = 65_536
 
     def __init__(self, dim: int, transform: str, *, seed: int = 0) -> None:
         self.dim = dim
         self.transform = transform
+        self.code_size = (dim + 7) // 8
         self.mean = np.zeros(dim, dtype=np.float32)
         self.fit_rows = 0
         self.rotation = (
@@ -77,12 +89,19 @@ class BinaryCoarse:
             if transform == "rotate"
             else None
         )
-        self.index = faiss.IndexBinaryFlat(_padded_bits(dim))
-        self._codes = np.empty((0, self.index.code_size), dtype=np.uint8)
+        self._buffer = np.empty((0, self.code_size), dtype=np.uint8)
+        self._n = 0
+        self.nprobe = 0
+        self._ivf: _BinaryIVF | None = None
 
     @property
     def rows(self) -> int:
-        return int(self.index.ntotal)
+        return self._n
+
+    @property
+    def codes(self) -> np.ndarray:
+        """``(rows, code_size) uint8``, a view of the buffer."""
+        return self._buffer[: self._n]
 
     def _project(self, vectors: np.ndarray) -> np.ndarray:
         out = vectors - self.mean if self.transform == "center" else vectors
@@ -92,34 +111,33 @@ class BinaryCoarse:
 
     def encode(self, vectors: np.ndarray) -> np.ndarray:
         """``(n, dim) float32`` -> ``(n, code_size) uint8`` packed sign bits."""
-        bits = self._project(vectors) > 0
-        pad = self.index.d - self.dim
-        if pad:
-            bits = np.pad(bits, ((0, 0), (0, pad)))
-        return np.packbits(bits, axis=1)
+        return np.packbits(self._project(vectors) > 0, axis=1)
 
     def add(self, vectors: np.ndarray) -> None:
-        if self.fit_rows == 0 and self.transform == "center":
-            self.mean = vectors.mean(axis=0, dtype=np.float64).astype(np.float32)
         if self.fit_rows == 0:
+            if self.transform == "center":
+                self.mean = vectors.mean(axis=0, dtype=np.float64).astype(np.float32)
             self.fit_rows = len(vectors)
-        self.index.add(self.encode(vectors))
-        self._refresh_view()
+        self._append(self.encode(vectors))
+        if self._ivf is not None:
+            self._ivf.add(self.codes, self._n)
 
-    def _refresh_view(self) -> None:
-        # A zero-copy view of faiss's own code array: the codes are held once, not twice.
-        n, size = self.index.ntotal, self.index.code_size
-        self._codes = (
-            faiss.rev_swig_ptr(self.index.xb.data(), n * size).reshape(n, size)
-            if n
-            else np.empty((0, size), dtype=np.uint8)
-        )
+    def _append(self, codes: np.ndarray) -> None:
+        need = self._n + len(codes)
+        if need > len(self._buffer):
+            # Grow by 1/8: the RAM budget (<= 64 bytes a vector) has little room for slack.
+            grown = np.empty((max(need, len(self._buffer) * 9 // 8, 1024), self.code_size), dtype=np.uint8)
+            grown[: self._n] = self.codes
+            self._buffer = grown
+        self._buffer[self._n : need] = codes
+        self._n = need
 
     def needs_rebuild(self) -> bool:
-        return self.transform == "center" and self.fit_rows < self.rows // 2 and self.fit_rows < self.REFIT_LIMIT
+        refit = self.transform == "center" and self.fit_rows < self.rows // 2 and self.fit_rows < self.REFIT_LIMIT
+        return refit or (self._ivf is None and self._n >= self.IVF_ROWS)
 
     def rebuild(self, scan: Scan) -> None:
-        """Re-estimate the mean over all rows and re-encode them: two passes over the disk."""
+        """Re-estimate the mean over all rows, re-encode them, re-train the inverted file."""
         if self.transform == "center":
             total = np.zeros(self.dim, dtype=np.float64)
             n = 0
@@ -127,11 +145,18 @@ class BinaryCoarse:
                 total += block.sum(axis=0, dtype=np.float64)
                 n += len(block)
             self.mean = (total / max(n, 1)).astype(np.float32)
-        self.index.reset()
+        self._n = 0
         for _, block in scan():
-            self.index.add(self.encode(block))
-        self.fit_rows = self.rows
-        self._refresh_view()
+            self._append(self.encode(block))
+        self.fit_rows = self._n
+        self._train_ivf()
+
+    def _train_ivf(self) -> None:
+        if self._n < self.IVF_ROWS:
+            self._ivf = None
+            return
+        self._ivf = _BinaryIVF.train(self.codes)
+        self.nprobe = self._ivf.default_nprobe
 
     def candidates(
         self, queries: np.ndarray, n: int, *, shortlist: int, allowed: np.ndarray | None
@@ -142,45 +167,137 @@ class BinaryCoarse:
         ``<q', b>`` with ``b`` in {-1, +1}^dim, ``q'`` the transformed float query.
         """
         projected = self._project(queries)
-        qcodes = self.encode(queries)
-        selector, _keep = _selector(allowed)
-        params = faiss.SearchParameters(sel=selector) if selector is not None else None
+        qcodes = np.packbits(projected > 0, axis=1)
         width = max(n, shortlist)
         faiss.omp_set_num_threads(1)
-        _, shortlist_rows = self.index.search(qcodes, width, params=params)
-        if width == n:
-            return shortlist_rows
         out = np.full((len(queries), n), -1, dtype=np.int64)
-        for i, rows in enumerate(shortlist_rows):
-            rows = rows[rows >= 0]
-            bits = np.unpackbits(self._codes[rows], axis=1, count=self.dim).astype(np.float32)
-            # <q, 2b - 1> = 2 <q, b> - sum(q): one matrix-vector product over 0/1 bits.
-            scores = bits @ projected[i]
-            top = _top(scores, n)
-            out[i, : len(top)] = rows[top]
+        for i in range(len(queries)):
+            rows = self._shortlist(qcodes[i : i + 1], width, allowed)
+            if width > n and len(rows) > n:
+                bits = np.unpackbits(self._buffer[rows], axis=1, count=self.dim).astype(np.float32)
+                # <q, 2b - 1> = 2 <q, b> - sum(q): one matrix-vector product over 0/1 bits.
+                rows = rows[_top(bits @ projected[i], n)]
+            out[i, : len(rows)] = rows[:n]
         return out
+
+    def _shortlist(self, qcode: np.ndarray, width: int, allowed: np.ndarray | None) -> np.ndarray:
+        """The ``width`` rows nearest in Hamming distance among the allowed ones, ``(m,) int64``."""
+        if self._ivf is not None:
+            rows = self._ivf.probe(qcode, self.nprobe)
+        else:
+            rows = None
+        if allowed is not None:
+            if rows is not None:
+                rows = rows[allowed[rows]]
+            else:
+                excluded = self._n - int(np.count_nonzero(allowed[: self._n]))
+                if excluded <= 4 * width:
+                    # A few tombstones: scan everything a little wider, then drop them.
+                    _, found = faiss.knn_hamming(qcode, self.codes, min(width + excluded, self._n))
+                    found = found[0][found[0] >= 0]
+                    return found[allowed[found]][:width]
+                rows = np.flatnonzero(allowed[: self._n])
+        if rows is None:
+            _, found = faiss.knn_hamming(qcode, self.codes, min(width, self._n))
+            found = found[0]
+        else:
+            if len(rows) == 0:
+                return rows
+            _, local = faiss.knn_hamming(qcode, self._buffer[rows], min(width, len(rows)))
+            found = rows[local[0]]
+        return found[found >= 0]
 
     def ram_bytes(self) -> int:
         extra = self.mean.nbytes + (self.rotation.nbytes if self.rotation is not None else 0)
-        return int(self.rows * self.index.code_size + extra)
+        ivf = self._ivf.ram_bytes() if self._ivf is not None else 0
+        return int(self._buffer.nbytes + extra + ivf)
 
     def save(self, directory: Path, tag: str) -> dict[str, Any]:
         path = directory / f"coarse.{tag}.npz"
-        _atomic_write(
-            path,
-            lambda name: np.savez(open(name, "wb"), codes=self._codes, mean=self.mean),
-        )
+        ivf = self._ivf.arrays() if self._ivf is not None else {}
+        _atomic_write(path, lambda name: np.savez(open(name, "wb"), codes=self.codes, mean=self.mean, **ivf))
         return {"file": path.name, "rows": self.rows, "fit_rows": self.fit_rows}
 
     def load(self, directory: Path, state: dict[str, Any]) -> None:
         with np.load(directory / state["file"]) as data:
             codes, self.mean = data["codes"], data["mean"]
-        if codes.shape != (state["rows"], self.index.code_size):
-            raise ValueError(f"coarse file holds {codes.shape}, expected ({state['rows']}, ...)")
-        self.index.reset()
-        self.index.add(codes)
+            ivf = _BinaryIVF.from_arrays(data) if "centroids" in data else None
+        if codes.shape != (state["rows"], self.code_size):
+            raise ValueError(f"coarse file holds {codes.shape}, expected ({state['rows']}, {self.code_size})")
+        self._n = 0
+        self._append(codes)
         self.fit_rows = int(state["fit_rows"])
-        self._refresh_view()
+        self._ivf = ivf
+        if ivf is not None:
+            self.nprobe = ivf.default_nprobe
+
+
+class _BinaryIVF:
+    """Inverted file over binary codes: rows grouped by their nearest binary k-means centroid."""
+
+    def __init__(self, centroids: np.ndarray, assign: np.ndarray) -> None:
+        self.centroids = centroids
+        self.quantizer = faiss.IndexBinaryFlat(centroids.shape[1] * 8)
+        self.quantizer.add(centroids)
+        self.assign = assign  # (rows,) int32 bucket of each row
+        self._sort()
+
+    @property
+    def nlist(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def default_nprobe(self) -> int:
+        return max(8, self.nlist // 16)
+
+    @classmethod
+    def train(cls, codes: np.ndarray) -> _BinaryIVF:
+        n = len(codes)
+        nlist = int(min(4096, max(64, math.sqrt(n))))
+        sample = codes[np.random.default_rng(0).choice(n, size=min(n, nlist * 64), replace=False)]
+        ivf = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(codes.shape[1] * 8), codes.shape[1] * 8, nlist)
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        ivf.train(sample)
+        centroids = faiss.rev_swig_ptr(
+            faiss.downcast_IndexBinary(ivf.quantizer).xb.data(), nlist * codes.shape[1]
+        ).reshape(nlist, -1).copy()
+        self = cls(centroids, np.empty(0, dtype=np.int32))
+        self.add(codes, n)
+        return self
+
+    def add(self, codes: np.ndarray, n_rows: int) -> None:
+        """Assign the rows past the assigned ones (``codes`` is all ``n_rows`` codes)."""
+        start = len(self.assign)
+        if start >= n_rows:
+            return
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        _, nearest = self.quantizer.search(codes[start:n_rows], 1)
+        self.assign = np.concatenate([self.assign, nearest[:, 0].astype(np.int32)])
+        if n_rows - self._sorted_rows > BinaryCoarse.IVF_TAIL_ROWS:
+            self._sort()
+
+    def _sort(self) -> None:
+        self._sorted_rows = len(self.assign)
+        self.order = np.argsort(self.assign, kind="stable").astype(np.int32)
+        self.offsets = np.concatenate([[0], np.cumsum(np.bincount(self.assign, minlength=self.nlist))])
+
+    def probe(self, qcode: np.ndarray, nprobe: int) -> np.ndarray:
+        """Rows in the ``nprobe`` buckets nearest the query, plus the unsorted tail, ``(m,) int64``."""
+        faiss.omp_set_num_threads(1)
+        _, lists = self.quantizer.search(qcode, min(nprobe, self.nlist))
+        parts = [self.order[self.offsets[b] : self.offsets[b + 1]] for b in lists[0].tolist() if b >= 0]
+        parts.append(np.arange(self._sorted_rows, len(self.assign), dtype=np.int32))
+        return np.concatenate(parts).astype(np.int64)
+
+    def ram_bytes(self) -> int:
+        return int(self.centroids.nbytes + self.assign.nbytes + self.order.nbytes + self.offsets.nbytes)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"centroids": self.centroids, "assign": self.assign}
+
+    @classmethod
+    def from_arrays(cls, data: Any) -> _BinaryIVF:
+        return cls(np.asarray(data["centroids"]), np.asarray(data["assign"]))
 
 
 class PQCoarse:
@@ -276,10 +393,6 @@ def make_coarse(config: CollectionConfig, dim: int) -> BinaryCoarse | PQCoarse |
     if config.coarse == "pq":
         return PQCoarse(dim)
     return None
-
-
-def _padded_bits(dim: int) -> int:
-    return (dim + 7) // 8 * 8
 
 
 def _top(scores: np.ndarray, n: int) -> np.ndarray:

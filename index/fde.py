@@ -32,7 +32,8 @@ from index.errors import DimensionMismatch, EmptyBatch, InvalidArgument, Invalid
 __all__ = ["DEFAULT_PARAMS", "FDEEncoder", "MuveraParams", "chamfer"]
 
 Float32Array = npt.NDArray[np.float32]
-VectorSet = npt.ArrayLike
+VectorSet = npt.ArrayLike  # (m, dim)
+VectorSets = Sequence[VectorSet] | npt.NDArray[Any]  # n sets (m_i, dim), or (n, m, dim)
 
 K_SIM_MAX = 10  # 2**10 buckets per repetition; matches MultiVectorConfig's bound
 R_REPS_MAX = 200
@@ -81,7 +82,7 @@ class MuveraParams:
             if self.d_final > self.concat_dim:
                 raise InvalidArgument(
                     f"cannot project to a higher dimensionality (d_final={self.d_final} > "
-                    f"r_reps * 2**k_sim * d_proj={self.concat_dim}); lower d_final or set it to None"
+                    f"r_reps * 2**k_sim * d_proj={self.concat_dim}); lower d_final or use None"
                 )
 
     @property
@@ -128,10 +129,11 @@ class FDEEncoder:
             self.dim, p.r_reps * p.k_sim
         )
         self._bit_values = np.left_shift(1, np.arange(p.k_sim), dtype=np.int64)  # (k_sim,)
-        # (dim, r_reps * d_proj) float64, or None when d_proj == dim (buckets kept unprojected).
+        # (dim, d_proj * r_reps) float64, column j * r_reps + r: coordinate j of repetition r;
+        # None when d_proj == dim (buckets kept unprojected, as fastembed does).
         self._projection: npt.NDArray[np.float64] | None = None
         if p.d_proj < self.dim:
-            scaled = signs.transpose(1, 0, 2).reshape(self.dim, p.r_reps * p.d_proj)
+            scaled = signs.transpose(1, 2, 0).reshape(self.dim, p.d_proj * p.r_reps)
             self._projection = np.ascontiguousarray(scaled / np.sqrt(p.d_proj))
         # (concat_dim, d_final) float32 +-1/sqrt(d_final), drawn after fastembed's matrices.
         self._final: Float32Array | None = None
@@ -146,7 +148,7 @@ class FDEEncoder:
     def __repr__(self) -> str:
         return f"FDEEncoder(dim={self.dim}, params={self.params!r})"
 
-    def encode_documents(self, sets: Sequence[VectorSet]) -> Float32Array:
+    def encode_documents(self, sets: VectorSets) -> Float32Array:
         """Encode documents: bucket averages, empty buckets filled.
 
         Args:
@@ -163,7 +165,7 @@ class FDEEncoder:
         """
         return self._encode(sets, document=True)
 
-    def encode_queries(self, sets: Sequence[VectorSet]) -> Float32Array:
+    def encode_queries(self, sets: VectorSets) -> Float32Array:
         """Encode queries: bucket sums, empty buckets left zero.
 
         Shapes and errors as :meth:`encode_documents`; returns ``(n, fde_dim)`` float32.
@@ -172,13 +174,14 @@ class FDEEncoder:
 
     def encode_document(self, vectors: VectorSet) -> Float32Array:
         """Encode one document ``(m, dim)``; returns ``(fde_dim,)`` float32."""
-        return self._encode([vectors], document=True)[0]
+        return self._encode([vectors], document=True).reshape(self.fde_dim)
 
     def encode_query(self, vectors: VectorSet) -> Float32Array:
         """Encode one query ``(m, dim)``; returns ``(fde_dim,)`` float32."""
-        return self._encode([vectors], document=False)[0]
+        return self._encode([vectors], document=False).reshape(self.fde_dim)
 
-    def _encode(self, sets: Sequence[VectorSet], *, document: bool) -> Float32Array:
+    def _encode(self, sets: VectorSets, *, document: bool) -> Float32Array:
+        """Validate, then encode in chunks that bound the working memory."""
         kind = "document" if document else "query"
         arrays = _as_vector_sets(sets, dim=self.dim, kind=kind)
         out = np.empty((len(arrays), self.fde_dim), dtype=np.float32)
@@ -186,11 +189,12 @@ class FDEEncoder:
         max_sets = max(1, _CHUNK_CELLS // (p.r_reps * p.buckets * max(p.buckets, p.d_proj)))
         for start, stop in _chunks(arrays, max_tokens=_CHUNK_TOKENS, max_sets=max_sets):
             chunk = arrays[start:stop]
-            # float64 as fastembed: a SimHash sign flipped by rounding would move a vector to
-            # another bucket. (float32 halves the time but not the encoder's share of a request.)
-            tokens = np.concatenate(chunk, axis=0, dtype=np.float64)  # (t, dim)
-            _check_finite(tokens, arrays, start, kind=kind)
             lengths = np.fromiter((len(a) for a in chunk), np.int64, stop - start)
+            # float64, as fastembed: in float32 a rounding error can flip a SimHash sign and move
+            # a vector to another bucket. float32 would be ~2x faster, but encoding the tokens
+            # with the text model costs far more than this anyway.
+            tokens = np.concatenate(chunk, axis=0, dtype=np.float64)  # (t, dim)
+            _check_finite(tokens, lengths, start, kind=kind)
             bucket = self._buckets(tokens)
             concat = self._pool(tokens, bucket, lengths, document=document)
             if self._final is not None:
@@ -206,7 +210,8 @@ class FDEEncoder:
         if p.k_sim == 0:
             return np.zeros((n_tokens, p.r_reps), dtype=np.int64)
         above = (tokens @ self._hyperplanes > 0).reshape(n_tokens, p.r_reps, p.k_sim)
-        return above @ self._bit_values
+        bucket: npt.NDArray[np.int64] = np.matmul(above, self._bit_values, dtype=np.int64)
+        return bucket
 
     def _pool(
         self,
@@ -226,42 +231,42 @@ class FDEEncoder:
         reps, n_buckets, d_proj = p.r_reps, p.buckets, p.d_proj
         # Projection is linear: summing projected vectors equals projecting their sum, and the
         # projected vectors are fewer numbers to sum (r_reps * d_proj per token, not dim per cell).
+        # (d_proj, r_reps, t): coordinate j of token t in repetition r, contiguous along t.
+        projected: npt.NDArray[np.float64]
         if self._projection is not None:
-            projected = tokens @ self._projection  # (t, r_reps * d_proj)
+            projected = (self._projection.T @ tokens.T).reshape(d_proj, reps, n_tokens)
         else:
-            projected = np.tile(tokens, (1, reps))
-        rows = projected.reshape(n_tokens * reps, d_proj)  # row t * r_reps + r
-        # Cell (set, repetition, bucket) of every row, numbered in output order.
+            projected = np.broadcast_to(tokens.T[:, None, :], (d_proj, reps, n_tokens))
+        # Cell (set, repetition, bucket) of every (repetition, token), numbered in output order.
         set_of_token = np.repeat(np.arange(n, dtype=np.int64), lengths)
-        cell = ((set_of_token[:, None] * reps + np.arange(reps)) * n_buckets + bucket).ravel()
+        cell = ((set_of_token * reps + np.arange(reps)[:, None]) * n_buckets + bucket.T).ravel()
         n_cells = n * reps * n_buckets
 
         counts = np.bincount(cell, minlength=n_cells)
-        columns = np.ascontiguousarray(rows.T)  # (d_proj, t * r_reps)
         centers = np.empty((n_cells, d_proj), dtype=np.float64)
-        for j in range(d_proj):  # over output coordinates; bincount sums in float64
-            centers[:, j] = np.bincount(cell, weights=columns[j], minlength=n_cells)
+        for j in range(d_proj):  # over output coordinates, not tokens; sums in float64
+            centers[:, j] = np.bincount(cell, weights=projected[j].ravel(), minlength=n_cells)
         if document:
             empty = counts == 0
             np.divide(centers, counts[:, None], out=centers, where=~empty[:, None])
             if empty.any():
-                # First row, that is first token, of every cell; empty cells keep len(rows).
-                first_row = np.full(n_cells, len(rows), dtype=np.int64)
-                np.minimum.at(first_row, cell, np.arange(len(rows), dtype=np.int64))
-                self._fill_empty(centers, rows, empty, first_row)
+                # Lowest r * t_total + t of every cell, that is its first token.
+                first = np.full(n_cells, reps * n_tokens, dtype=np.int64)
+                np.minimum.at(first, cell, np.arange(reps * n_tokens, dtype=np.int64))
+                self._fill_empty(centers, projected, empty, first)
         return centers.reshape(n, reps * n_buckets * d_proj)
 
     def _fill_empty(
         self,
         centers: npt.NDArray[np.float64],
-        rows: npt.NDArray[np.float64],
+        projected: npt.NDArray[np.float64],
         empty: npt.NDArray[np.bool_],
-        first_row: npt.NDArray[np.int64],
+        first: npt.NDArray[np.int64],
     ) -> None:
         """Give each empty cell the first vector of the nearest occupied bucket, in place.
 
-        ``centers (cells, d_proj)``; ``rows (t * r_reps, d_proj)`` projected vectors;
-        ``empty (cells,)``; ``first_row (cells,)``: row of each occupied cell's first token.
+        ``centers (cells, d_proj)``; ``projected (d_proj, r_reps, t)``; ``empty (cells,)``;
+        ``first (cells,)``: ``r * t + token`` of each occupied cell's first token.
         """
         n_buckets = self.params.buckets
         empty_by_set_rep = empty.reshape(-1, n_buckets)  # (n * r_reps, buckets)
@@ -269,8 +274,8 @@ class FDEEncoder:
         # Every set has a vector, so every (set, repetition) has an occupied bucket.
         distance = np.where(empty_by_set_rep[set_rep], np.uint8(255), self._hamming[buckets])
         nearest = np.argmin(distance, axis=1)  # lowest bucket id among ties, as fastembed
-        source = set_rep * n_buckets + nearest
-        centers[set_rep * n_buckets + buckets] = rows[first_row[source]]
+        rep, token = np.divmod(first[set_rep * n_buckets + nearest], projected.shape[2])
+        centers[set_rep * n_buckets + buckets] = projected[:, rep, token].T
 
 
 def chamfer(query: VectorSet, docs: Sequence[VectorSet]) -> Float32Array:
@@ -278,7 +283,7 @@ def chamfer(query: VectorSet, docs: Sequence[VectorSet]) -> Float32Array:
 
     Args:
         query: ``(m, dim)`` query vectors, ``m >= 1``.
-        docs: vector sets ``(m_i, dim)``, ``m_i >= 1``; may be empty.
+        docs: vector sets ``(m_i, dim)``, ``m_i >= 1``; an empty sequence gives ``(0,)``.
 
     Returns:
         ``(len(docs),)`` float32, computed in float32.
@@ -286,29 +291,27 @@ def chamfer(query: VectorSet, docs: Sequence[VectorSet]) -> Float32Array:
     Raises:
         EmptyBatch, DimensionMismatch, InvalidVector: as :meth:`FDEEncoder.encode_documents`.
     """
-    q_arr = np.asarray(query) if not isinstance(query, np.ndarray) else query
-    dim = q_arr.shape[1] if q_arr.ndim == 2 else -1
-    if dim < 1:
-        raise DimensionMismatch(f"query has shape {q_arr.shape}; expected a 2-D array (m, dim)")
-    (q,) = _as_vector_sets([q_arr], dim=dim, kind="query")
-    q32 = q.astype(np.float32, copy=False)
-    _check_finite(q32, [q], 0, kind="query")
-    if len(docs) == 0:
+    q = _as_vector_set(query, dim=None, kind="query", label="query").astype(np.float32)
+    if not np.isfinite(q).all():
+        raise InvalidVector("query contains NaN or inf: every query vector must be finite")
+    if isinstance(docs, Sequence | np.ndarray) and len(docs) == 0:
         return np.zeros(0, dtype=np.float32)
-    arrays = _as_vector_sets(docs, dim=dim, kind="document")
+    arrays = _as_vector_sets(docs, dim=q.shape[1], kind="document", label="document")
     scores = np.empty(len(arrays), dtype=np.float32)
-    for start, stop in _chunks(arrays, max_tokens=_CHUNK_TOKENS * 4, max_sets=len(arrays)):
-        tokens = np.concatenate(arrays[start:stop], axis=0, dtype=np.float32)  # (t, dim)
-        _check_finite(tokens, arrays, start, kind="document")
+    for start, stop in _chunks(arrays, max_tokens=4 * _CHUNK_TOKENS, max_sets=len(arrays)):
         lengths = np.fromiter((len(a) for a in arrays[start:stop]), np.int64, stop - start)
-        starts = np.r_[0, np.cumsum(lengths)[:-1]]
-        similarity = q32 @ tokens.T  # (m, t)
+        tokens = np.concatenate(arrays[start:stop], axis=0, dtype=np.float32)  # (t, dim)
+        _check_finite(tokens, lengths, start, kind="document", label="document")
+        similarity = q @ tokens.T  # (m, t)
+        starts = np.cumsum(lengths) - lengths
         scores[start:stop] = np.maximum.reduceat(similarity, starts, axis=1).sum(axis=0)
     return scores
 
 
-def _as_vector_sets(sets: Sequence[VectorSet], *, dim: int, kind: str) -> list[npt.NDArray[Any]]:
-    """Check shapes and dtypes of ``sets``; returns them as arrays, uncopied where possible."""
+def _as_vector_sets(
+    sets: VectorSets, *, dim: int, kind: str, label: str = "vector set"
+) -> list[npt.NDArray[Any]]:
+    """Check every set of ``sets`` with :func:`_as_vector_set`; returns them as arrays."""
     if isinstance(sets, np.ndarray) and sets.ndim != 3:
         raise InvalidArgument(
             f"expected a sequence of (m, {dim}) vector sets or one (n, m, {dim}) array, got an "
@@ -320,43 +323,58 @@ def _as_vector_sets(sets: Sequence[VectorSet], *, dim: int, kind: str) -> list[n
         )
     if len(sets) == 0:
         raise EmptyBatch(f"no vector sets to encode: pass at least one (m, {dim}) {kind}")
-    arrays: list[npt.NDArray[Any]] = []
-    for i, vectors in enumerate(sets):  # over sets, never over tokens
-        try:
-            a = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
-        except ValueError as exc:  # ragged nested lists
-            raise DimensionMismatch(
-                f"vector set {i} is ragged: every vector must have dimension {dim}"
-            ) from exc
-        if a.size == 0 and a.ndim <= 2:
-            raise EmptyBatch(f"vector set {i} is empty: a {kind} needs at least one vector")
-        if a.ndim != 2:
-            raise DimensionMismatch(
-                f"vector set {i} has shape {a.shape}; expected a 2-D array (n_vectors, {dim})"
-            )
-        if a.shape[1] != dim:
-            raise DimensionMismatch(f"vector set {i} has dimension {a.shape[1]}, expected {dim}")
-        if a.dtype.kind not in "fiu":
-            raise InvalidVector(
-                f"vector set {i} has dtype {a.dtype}; expected real numbers (float32 or float64)"
-            )
-        arrays.append(a)
-    return arrays
+    # A loop over sets, never over vectors.
+    return [
+        _as_vector_set(vectors, dim=dim, kind=kind, label=f"{label} {i}")
+        for i, vectors in enumerate(sets)
+    ]
+
+
+def _as_vector_set(
+    vectors: VectorSet, *, dim: int | None, kind: str, label: str
+) -> npt.NDArray[Any]:
+    """``vectors`` as an ``(m, dim)`` real array, ``m >= 1``, uncopied when already one.
+
+    ``dim=None`` accepts any dimension. NaN and inf are checked later, on the concatenation.
+    """
+    try:
+        a = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
+    except ValueError as exc:  # ragged nested lists
+        raise DimensionMismatch(
+            f"{label} is ragged: its vectors must all have the same dimension"
+            + (f" ({dim})" if dim is not None else "")
+        ) from exc
+    expected = "dim" if dim is None else str(dim)
+    if a.size == 0 and a.ndim <= 2:
+        raise EmptyBatch(f"{label} is empty: a {kind} needs at least one vector")
+    if a.ndim != 2:
+        raise DimensionMismatch(
+            f"{label} has shape {a.shape}; expected a 2-D array (n_vectors, {expected})"
+        )
+    if dim is not None and a.shape[1] != dim:
+        raise DimensionMismatch(f"{label} has dimension {a.shape[1]}, expected {dim}")
+    if a.dtype.kind not in "fiu":
+        raise InvalidVector(
+            f"{label} has dtype {a.dtype}; expected real numbers (float32 or float64)"
+        )
+    return a
 
 
 def _check_finite(
-    tokens: npt.NDArray[np.floating[Any]], arrays: Sequence[npt.NDArray[Any]], first: int, *, kind: str
+    tokens: npt.NDArray[np.floating[Any]],
+    lengths: npt.NDArray[np.int64],
+    first: int,
+    *,
+    kind: str,
+    label: str = "vector set",
 ) -> None:
-    """Raise InvalidVector naming the first set of ``arrays[first:]`` with NaN or inf in ``tokens``."""
+    """Raise InvalidVector naming the set with the first NaN or inf in ``tokens (t, dim)``,
+    the vectors of sets ``first, first + 1, ...`` of sizes ``lengths`` back to back."""
     finite = np.isfinite(tokens).all(axis=1)
     if finite.all():
         return
-    bad = int(np.argmin(finite))
-    ends = np.cumsum([len(a) for a in arrays[first:]])
-    offset = int(np.searchsorted(ends, bad, side="right"))
-    raise InvalidVector(
-        f"vector set {first + offset} contains NaN or inf: every {kind} vector must be finite"
-    )
+    index = first + int(np.searchsorted(np.cumsum(lengths), np.argmin(finite), side="right"))
+    raise InvalidVector(f"{label} {index} contains NaN or inf: every {kind} vector must be finite")
 
 
 def _chunks(

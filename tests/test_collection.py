@@ -180,3 +180,24 @@ def test_k_larger_than_collection(tmp_path, data):
         col.upsert(["a", "b", "c"], base[:3])
         assert len(col.search(queries[0], 10)[0]) == 3
         assert len(col.search(queries[0], 10, exact=True)[0]) == 3
+
+
+def test_inverted_file_for_large_collections(tmp_path, data, monkeypatch):
+    """Past IVF_ROWS the binary stage scans only the nearest buckets; it still finds the neighbours."""
+    from index.coarse import BinaryCoarse
+
+    monkeypatch.setattr(BinaryCoarse, "IVF_ROWS", 2000)
+    monkeypatch.setattr(BinaryCoarse, "IVF_TAIL_ROWS", 500)
+    base, queries = data
+    path = tmp_path / "c"
+    with fill(path, CollectionConfig(dim=DIM), base) as col:
+        assert col._coarse._ivf is not None  # noqa: SLF001 - the mode under test
+        truth = brute_force(base, queries, 10).tolist()
+        found = [[h.id for h in r] for r in col.search(queries, 10, oversampling=32)]
+        assert recall_at_k(truth, found, 10) >= 0.9
+        col.delete([found[0][0]])
+        assert found[0][0] not in {h.id for h in col.search(queries[0], 10, oversampling=32)[0]}
+    with Collection.open(path) as col:  # the inverted file is saved and loaded, not retrained
+        assert col._coarse._ivf is not None  # noqa: SLF001
+        again = [[h.id for h in r] for r in col.search(queries, 10, oversampling=32)]
+        assert recall_at_k(truth, again, 10) >= 0.9

@@ -1,0 +1,76 @@
+"""The real corpora the benchmarks run on, and their embeddings (cached after the first run)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = ROOT / "benchmarks" / "cache"
+
+
+def data_dir() -> Path:
+    """``$TANDEM_DATA``, else ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("TANDEM_DATA", ROOT.parent / "shared" / "data"))
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("TANDEM_MODELS_DIR", ROOT / "models"))
+
+
+def gloss_texts() -> list[str]:
+    """The 117,659 WordNet glosses as ``(lemmas + " " + definition).strip()``."""
+    texts: list[str] = []
+    for part in ("corpus-000.jsonl.gz", "corpus-001.jsonl.gz"):
+        with gzip.open(data_dir() / "wordnet_glosses" / part, "rt", encoding="utf-8") as f:
+            for line in f:
+                doc = json.loads(line)
+                texts.append((doc.get("title", "") + " " + doc.get("text", "")).strip())
+    return texts
+
+
+def gloss_embeddings() -> np.ndarray:
+    """``(117659, 384) float32`` MiniLM embeddings of the glosses, embedded once then cached."""
+    path = CACHE / "glosses-minilm.npy"
+    if path.exists():
+        return np.load(path)
+    from service.encoder import TextEncoder
+
+    encoder = TextEncoder.load(models_dir() / "minilm")
+    texts = gloss_texts()
+    t0 = time.perf_counter()
+    vectors = encoder.encode(texts, batch_size=128)
+    print(f"embedded {len(texts)} glosses in {time.perf_counter() - t0:.0f} s")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
+def write_result(name: str, result: dict[str, object]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2))
+    return path
+
+
+def machine() -> dict[str, object]:
+    import platform
+
+    return {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+            "processor": _cpu_model()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
