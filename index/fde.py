@@ -39,7 +39,8 @@ K_SIM_MAX = 10  # 2**10 buckets per repetition; matches MultiVectorConfig's boun
 R_REPS_MAX = 200
 # Tokens encoded per chunk: bounds the float64 working set (~tokens * (dim + r_reps * d_proj)).
 _CHUNK_TOKENS = 8192
-# Elements of the per-chunk bucket tables (sets * r_reps * 2**k_sim * max(2**k_sim, d_proj)).
+# Elements of the bucket tables: per chunk sets * r_reps * 2**k_sim * max(2**k_sim, d_proj),
+# per block of empty-bucket lookups empty cells * 2**k_sim.
 _CHUNK_CELLS = 1 << 24
 
 
@@ -190,9 +191,9 @@ class FDEEncoder:
         for start, stop in _chunks(arrays, max_tokens=_CHUNK_TOKENS, max_sets=max_sets):
             chunk = arrays[start:stop]
             lengths = np.fromiter((len(a) for a in chunk), np.int64, stop - start)
-            # float64, as fastembed: in float32 a rounding error can flip a SimHash sign and move
-            # a vector to another bucket. float32 would be ~2x faster, but encoding the tokens
-            # with the text model costs far more than this anyway.
+            # float64, as fastembed: in float32 a rounding error can flip a SimHash sign (a vector
+            # moves to another bucket) and long sums drift past 1e-5 of fastembed's. float32
+            # would be ~1.6x faster, but the text model spends far more per token anyway.
             tokens = np.concatenate(chunk, axis=0, dtype=np.float64)  # (t, dim)
             _check_finite(tokens, lengths, start, kind=kind)
             bucket = self._buckets(tokens)
@@ -270,12 +271,17 @@ class FDEEncoder:
         """
         n_buckets = self.params.buckets
         empty_by_set_rep = empty.reshape(-1, n_buckets)  # (n * r_reps, buckets)
-        set_rep, buckets = np.nonzero(empty_by_set_rep)
-        # Every set has a vector, so every (set, repetition) has an occupied bucket.
-        distance = np.where(empty_by_set_rep[set_rep], np.uint8(255), self._hamming[buckets])
-        nearest = np.argmin(distance, axis=1)  # lowest bucket id among ties, as fastembed
-        rep, token = np.divmod(first[set_rep * n_buckets + nearest], projected.shape[2])
-        centers[set_rep * n_buckets + buckets] = projected[:, rep, token].T
+        all_set_rep, all_buckets = np.nonzero(empty_by_set_rep)
+        block = max(1, _CHUNK_CELLS // n_buckets)  # empty cells per (cells, buckets) table
+        for start in range(0, len(all_set_rep), block):
+            set_rep = all_set_rep[start : start + block]
+            buckets = all_buckets[start : start + block]
+            # Every set has a vector, so every (set, repetition) has an occupied bucket.
+            hamming = self._hamming[buckets]  # (cells, buckets)
+            distance = np.where(empty_by_set_rep[set_rep], np.uint8(255), hamming)
+            nearest = np.argmin(distance, axis=1)  # lowest bucket id among ties, as fastembed
+            rep, token = np.divmod(first[set_rep * n_buckets + nearest], projected.shape[2])
+            centers[set_rep * n_buckets + buckets] = projected[:, rep, token].T
 
 
 def chamfer(query: VectorSet, docs: Sequence[VectorSet]) -> Float32Array:
