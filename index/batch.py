@@ -59,6 +59,8 @@ def check_vectors(vectors: Any, *, dim: int, normalize: bool, what: str = "vecto
     try:
         array = np.asarray(vectors, dtype=np.float32)
     except (TypeError, ValueError) as exc:
+        if "inhomogeneous" in str(exc):
+            raise DimensionMismatch(f"{what} is ragged: every vector must have exactly {dim} numbers") from None
         raise InvalidVector(f"{what} must be numbers in an (n, {dim}) array: {exc}") from None
     if array.ndim == 1:
         array = array[None, :]
@@ -133,3 +135,53 @@ class PointBatch:
         if len(array) != len(checked_ids):
             raise DimensionMismatch(f"got {len(checked_ids)} ids but {len(array)} vectors: send one vector per id")
         return cls(checked_ids, array, check_payloads(payloads, len(checked_ids)))
+
+
+@dataclass(frozen=True)
+class VectorSetBatch:
+    """A validated multi-vector upsert: per point a ``(m_i, dim) float32`` set, concatenated."""
+
+    ids: list[PointId]
+    tokens: np.ndarray  # (sum m_i, dim) float32, normalised under cosine
+    sizes: np.ndarray  # (n,) int64, m_i
+    payloads: list[str | None]
+
+    def sets(self) -> list[np.ndarray]:
+        return np.split(self.tokens, np.cumsum(self.sizes)[:-1])
+
+    @classmethod
+    def build(
+        cls, ids: Sequence[Any], vector_sets: Any, payloads: Sequence[Any] | None, *,
+        dim: int, normalize: bool, max_vectors: int,
+    ) -> VectorSetBatch:
+        checked_ids = check_ids(ids)
+        sets = check_vector_sets(vector_sets, dim=dim, normalize=normalize, max_vectors=max_vectors)
+        if len(sets) != len(checked_ids):
+            raise DimensionMismatch(f"got {len(checked_ids)} ids but {len(sets)} vector sets: send one set per id")
+        sizes = np.array([len(s) for s in sets], dtype=np.int64)
+        return cls(checked_ids, np.concatenate(sets), sizes, check_payloads(payloads, len(checked_ids)))
+
+
+def check_vector_sets(
+    vector_sets: Any, *, dim: int, normalize: bool, max_vectors: int, what: str = "vectors"
+) -> list[np.ndarray]:
+    """A list of ``(m_i, dim)`` sets (or one ``(n, m, dim)`` array) -> list of float32 arrays."""
+    if isinstance(vector_sets, np.ndarray) and vector_sets.ndim == 3:
+        vector_sets = list(vector_sets)
+    if isinstance(vector_sets, str | bytes | dict) or not isinstance(vector_sets, Sequence | np.ndarray):
+        raise InvalidVector(f"{what} must be a list of vector sets, each an (m, {dim}) array")
+    if len(vector_sets) == 0:
+        raise EmptyBatch(f"{what} is empty: pass at least one vector set")
+    out = []
+    for i, one in enumerate(vector_sets):
+        label = f"{what}[{i}]"
+        if isinstance(one, Sequence | np.ndarray) and len(one) == 0:
+            raise EmptyBatch(f"{label} is an empty vector set: a multi-vector point needs at least one vector")
+        array = check_vectors(one, dim=dim, normalize=normalize, what=label)
+        if len(array) > max_vectors:
+            raise InvalidArgument(
+                f"{label} holds {len(array)} vectors; this collection accepts at most {max_vectors} "
+                "per point (multivector.max_vectors)"
+            )
+        out.append(array)
+    return out

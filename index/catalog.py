@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS points (
     row INTEGER PRIMARY KEY,
     key NOT NULL,
     payload TEXT,
-    live INTEGER NOT NULL DEFAULT 1
+    live INTEGER NOT NULL DEFAULT 1,
+    n_vectors INTEGER  -- multi-vector collections: the size of the point's vector set
 );
 CREATE UNIQUE INDEX IF NOT EXISTS points_live_key ON points(key) WHERE live = 1;
 """
@@ -96,22 +97,30 @@ class Catalog:
 
     # -- writes -------------------------------------------------------------------------------
     def commit_upsert(
-        self, keys: Sequence[PointId], payloads: Sequence[str | None], first_row: int
+        self,
+        keys: Sequence[PointId],
+        payloads: Sequence[str | None],
+        first_row: int,
+        *,
+        set_sizes: Sequence[int] | None = None,
+        meta: dict[str, str] | None = None,
     ) -> np.ndarray:
         """Insert ``keys`` at rows ``first_row...``; tombstone the rows they replace. One transaction.
 
-        Returns the replaced rows, ``(r,) int64``.
+        ``set_sizes``: for multi-vector points, how many vectors each has. Returns the replaced
+        rows, ``(r,) int64``.
         """
+        sizes = set_sizes if set_sizes is not None else [None] * len(keys)
         with self._transaction():
             replaced = self._live_rows(keys)
             if len(replaced):
                 self._tombstone(replaced)
             rows = range(first_row, first_row + len(keys))
             self._db.executemany(
-                "INSERT INTO points(row, key, payload, live) VALUES (?, ?, ?, 1)",
-                zip(rows, keys, payloads, strict=True),
+                "INSERT INTO points(row, key, payload, live, n_vectors) VALUES (?, ?, ?, 1, ?)",
+                zip(rows, keys, payloads, sizes, strict=True),
             )
-            self._set_meta({"n_rows": str(first_row + len(keys))})
+            self._set_meta({"n_rows": str(first_row + len(keys)), **(meta or {})})
         return replaced
 
     def commit_delete(self, keys: Sequence[PointId]) -> np.ndarray:
@@ -158,6 +167,11 @@ class Catalog:
 
     def dead_rows(self) -> np.ndarray:
         rows = self._read.execute("SELECT row FROM points WHERE live = 0").fetchall()
+        return np.asarray([r[0] for r in rows], dtype=np.int64)
+
+    def set_sizes(self) -> np.ndarray:
+        """Vector-set size of every row, dead ones included, in row order: ``(n_rows,) int64``."""
+        rows = self._read.execute("SELECT COALESCE(n_vectors, 0) FROM points ORDER BY row").fetchall()
         return np.asarray([r[0] for r in rows], dtype=np.int64)
 
     def max_row(self) -> int:

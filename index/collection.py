@@ -24,12 +24,23 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from index import coarse as coarse_mod
-from index.batch import PointBatch, PointId, check_id, check_ids, check_k, check_oversampling, check_vectors
+from index.batch import (
+    PointBatch,
+    PointId,
+    VectorSetBatch,
+    check_id,
+    check_ids,
+    check_k,
+    check_oversampling,
+    check_vector_sets,
+    check_vectors,
+)
 from index.catalog import Catalog
 from index.config import CollectionConfig
 from index.coarse import BinaryCoarse, PQCoarse
 from index.dense_store import DenseStore
 from index.errors import CollectionExists, CollectionNotFound, CorruptIndex
+from index.fde import FDEEncoder, MuveraParams, chamfer
 from index.filters import Filter
 from index.locks import ReadWriteLock
 
@@ -78,12 +89,34 @@ class Collection:
         self._generation = int(catalog.get_meta("generation") or 0)
         n_rows = catalog.n_rows
         catalog.check(n_rows)
-        self._dense = DenseStore(self._vectors_path(self._generation), dim=config.dim, dtype=config.dtype, n_rows=n_rows)
+        mv = config.multivector
+        # Multi-vector points: the dense store holds each point's FDE (its single-vector proxy),
+        # the token store all their vectors back to back; ``_offsets[r]:_offsets[r+1]`` is row r's.
+        self._fde = (
+            FDEEncoder(config.dim, params=MuveraParams(k_sim=mv.k_sim, d_proj=mv.d_proj, r_reps=mv.r_reps,
+                                                       seed=mv.seed, d_final=mv.d_final))
+            if mv is not None
+            else None
+        )
+        stored_dim = self._fde.fde_dim if self._fde is not None else config.dim
+        self._dense = DenseStore(self._vectors_path(self._generation), dim=stored_dim, dtype=config.dtype, n_rows=n_rows)
+        self._tokens: DenseStore | None = None
+        self._offsets = np.zeros(1, dtype=np.int64)
+        if self._fde is not None:
+            sizes = catalog.set_sizes()
+            n_tokens = int(catalog.get_meta("n_tokens") or 0)
+            if len(sizes) != n_rows or int(sizes.sum()) != n_tokens:
+                raise CorruptIndex(
+                    f"catalog of {path} records {n_tokens} vectors but its points hold {int(sizes.sum())}: "
+                    "restore the collection from a backup"
+                )
+            self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            self._tokens = DenseStore(self._tokens_path(self._generation), dim=config.dim, dtype=config.dtype, n_rows=n_tokens)
         self._live = np.ones(n_rows, dtype=bool)
         self._live[catalog.dead_rows()] = False
         self._n_dead = int(n_rows - self._live.sum())
         self._remove_stale_files()
-        self._coarse = coarse_mod.make_coarse(config, config.dim)
+        self._coarse = coarse_mod.make_coarse(config, stored_dim)
         self._saved_rows = 0
         self._load_coarse()
 
@@ -128,6 +161,8 @@ class Collection:
             if self._coarse is not None and self._coarse.rows != self._saved_rows:
                 self._save_coarse()
             self._dense.close()
+            if self._tokens is not None:
+                self._tokens.close()
             self._catalog.close()
 
     def __enter__(self) -> Collection:
@@ -138,26 +173,53 @@ class Collection:
 
     # -- writes -------------------------------------------------------------------------------
     def upsert(self, ids: Sequence[PointId], vectors: Any, payloads: Sequence[Any] | None = None) -> int:
-        """Insert or replace points; ``vectors`` is ``(n, dim)``. All or nothing. Returns n."""
-        batch = PointBatch.build(ids, vectors, payloads, dim=self.config.dim, normalize=self._normalize)
+        """Insert or replace points. All or nothing. Returns how many.
+
+        ``vectors``: ``(n, dim)``; in a multi-vector collection, a list of n ``(m_i, dim)`` sets.
+        """
+        if self._fde is None:
+            batch = PointBatch.build(ids, vectors, payloads, dim=self.config.dim, normalize=self._normalize)
+            self._write(batch.ids, batch.vectors, batch.payloads)
+            return len(batch.ids)
+        assert self.config.multivector is not None  # noqa: S101 - implied by _fde; for mypy
+        sets = VectorSetBatch.build(
+            ids, vectors, payloads, dim=self.config.dim, normalize=self._normalize,
+            max_vectors=self.config.multivector.max_vectors,
+        )
+        self._write(sets.ids, self._fde.encode_documents(sets.sets()), sets.payloads, sets)
+        return len(sets.ids)
+
+    def _write(
+        self, keys: list[PointId], vectors: np.ndarray, payloads: list[str | None], sets: VectorSetBatch | None = None
+    ) -> None:
         with self._lock.write():
-            first = self._dense.append(batch.vectors)
+            first = self._dense.append(vectors)
+            meta = None
+            if self._tokens is not None and sets is not None:
+                first_token = self._tokens.append(sets.tokens)
+                meta = {"n_tokens": str(first_token + len(sets.tokens))}
             try:
-                replaced = self._catalog.commit_upsert(batch.ids, batch.payloads, first)
+                replaced = self._catalog.commit_upsert(
+                    keys, payloads, first, set_sizes=None if sets is None else sets.sizes.tolist(), meta=meta
+                )
             except BaseException:
                 self._dense.rollback()
+                if self._tokens is not None:
+                    self._tokens.rollback()
                 raise
-            self._dense.publish(first + len(batch.ids))
-            self._live = np.concatenate([self._live, np.ones(len(batch.ids), dtype=bool)])
+            self._dense.publish(first + len(keys))
+            if self._tokens is not None and sets is not None:
+                self._tokens.publish(first_token + len(sets.tokens))
+                self._offsets = np.concatenate([self._offsets, first_token + np.cumsum(sets.sizes)])
+            self._live = np.concatenate([self._live, np.ones(len(keys), dtype=bool)])
             self._mark_dead(replaced)
             if self._coarse is not None:
-                self._coarse.add(batch.vectors)
+                self._coarse.add(vectors)
                 if self._coarse.needs_rebuild():
                     self._coarse.rebuild(self._dense.scan)
                     self._save_coarse()
                 elif self._coarse.rows - self._saved_rows >= CHECKPOINT_ROWS:
                     self._save_coarse()
-        return len(batch.ids)
 
     def delete(self, ids: Sequence[PointId]) -> int:
         """Tombstone points; returns how many existed. Unknown ids are ignored."""
@@ -183,11 +245,20 @@ class Collection:
             for start in range(0, len(keep), 32768):
                 fresh.append(self._dense.read(keep[start : start + 32768]))
                 fresh.publish(fresh.n_rows + len(keep[start : start + 32768]))
-            self._catalog.commit_compaction({"generation": str(generation), "n_rows": str(len(keep))})
+            meta = {"generation": str(generation), "n_rows": str(len(keep))}
+            fresh_tokens = None
+            if self._tokens is not None:
+                fresh_tokens, offsets = self._compact_tokens(keep, generation)
+                meta["n_tokens"] = str(fresh_tokens.n_rows)
+            self._catalog.commit_compaction(meta)
             old = self._dense
             self._dense, self._generation = fresh, generation
             old.close()
             old.path.unlink(missing_ok=True)
+            if self._tokens is not None and fresh_tokens is not None:
+                self._tokens.close()
+                self._tokens.path.unlink(missing_ok=True)
+                self._tokens, self._offsets = fresh_tokens, offsets
             self._live = np.ones(len(keep), dtype=bool)
             self._n_dead = 0
             if self._coarse is not None:
@@ -195,6 +266,29 @@ class Collection:
                 assert self._coarse is not None  # noqa: S101 - same kind as before; for mypy
                 self._coarse.rebuild(self._dense.scan)
                 self._save_coarse()
+
+    def _compact_tokens(self, keep: np.ndarray, generation: int) -> tuple[DenseStore, np.ndarray]:
+        assert self._tokens is not None  # noqa: S101 - multi-vector only; for mypy
+        path = self._tokens_path(generation)
+        path.unlink(missing_ok=True)
+        fresh = DenseStore(path, dim=self.config.dim, dtype=self.config.dtype, n_rows=0)
+        sizes = self._offsets[keep + 1] - self._offsets[keep]
+        for start in range(0, len(keep), 4096):
+            rows = keep[start : start + 4096]
+            tokens = self._tokens.read(self._token_rows(rows))
+            fresh.append(tokens)
+            fresh.publish(fresh.n_rows + len(tokens))
+        return fresh, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def _token_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Token-store rows of the given points, concatenated in the order given."""
+        starts, ends = self._offsets[rows], self._offsets[rows + 1]
+        sizes = ends - starts
+        if not len(rows):
+            return np.empty(0, dtype=np.int64)
+        # Vectorised ranges: each point's run of token rows, back to back.
+        shift = np.repeat(starts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+        return np.arange(int(sizes.sum()), dtype=np.int64) + shift
 
     # -- reads --------------------------------------------------------------------------------
     def count(self) -> int:
@@ -208,6 +302,8 @@ class Collection:
             if found is None:
                 return None
             row, payload = found
+            if self._tokens is not None:  # a multi-vector point: its (m, dim) set
+                return Point(key, self._tokens.read(self._token_rows(np.array([row]))), payload)
             return Point(key, self._dense.read(np.array([row]))[0], payload)
 
     def search(
@@ -236,7 +332,18 @@ class Collection:
         with_payload: bool = True,
     ) -> SearchResult:
         """``search`` with the time spent in each stage and the number of rows reranked."""
-        q = check_vectors(queries, dim=self.config.dim, normalize=self._normalize, what="queries")
+        query_sets: list[np.ndarray] | None = None
+        if self._fde is not None:
+            assert self.config.multivector is not None  # noqa: S101 - implied by _fde; for mypy
+            if isinstance(queries, np.ndarray) and queries.ndim == 2:
+                queries = [queries]  # one query set
+            query_sets = check_vector_sets(
+                queries, dim=self.config.dim, normalize=self._normalize,
+                max_vectors=self.config.multivector.max_vectors, what="queries",
+            )
+            q = self._fde.encode_queries(query_sets)
+        else:
+            q = check_vectors(queries, dim=self.config.dim, normalize=self._normalize, what="queries")
         k = check_k(k)
         factor = check_oversampling(oversampling, self.config.effective_oversampling)
         flt = Filter.parse(filter) if filter is not None else None
@@ -249,14 +356,22 @@ class Collection:
             small = allowed_rows is not None and len(allowed_rows) <= max(n_rerank, EXACT_FILTER_ROWS)
             if exact or not usable or small:
                 t1 = time.perf_counter()
-                rows, scores = self._exact(q, k, allowed, allowed_rows)
+                rows, scores = (
+                    self._exact(q, k, allowed, allowed_rows)
+                    if query_sets is None
+                    else self._exact_chamfer(query_sets, k, allowed, allowed_rows)
+                )
                 candidates = len(allowed_rows) if allowed_rows is not None else self.count()
             else:
                 assert coarse is not None  # noqa: S101 - checked by `usable`; for mypy
                 shortlist = math.ceil(n_rerank * self.config.shortlist_factor)
                 candidate_rows = coarse.candidates(q, n_rerank, shortlist=shortlist, allowed=allowed)
                 t1 = time.perf_counter()
-                rows, scores = self._rerank(q, candidate_rows, k)
+                rows, scores = (
+                    self._rerank(q, candidate_rows, k)
+                    if query_sets is None
+                    else self._rerank_chamfer(query_sets, candidate_rows, k)
+                )
                 candidates = n_rerank
             t2 = time.perf_counter()
             hits = self._hits(rows, scores, with_payload)
@@ -298,6 +413,44 @@ class Collection:
         scores = np.where(candidate_rows >= 0, scores, -np.inf).astype(np.float32)
         return _top_rows(scores, candidate_rows, k)
 
+    def _rerank_chamfer(
+        self, query_sets: list[np.ndarray], candidate_rows: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact Chamfer (MaxSim) of each query set against its candidates' stored vector sets."""
+        assert self._tokens is not None  # noqa: S101 - multi-vector only; for mypy
+        scores = np.full(candidate_rows.shape, -np.inf, dtype=np.float32)
+        for i, query in enumerate(query_sets):
+            valid = np.flatnonzero(candidate_rows[i] >= 0)
+            rows = candidate_rows[i, valid]
+            if len(rows):
+                scores[i, valid] = self._chamfer_rows(query, rows)
+        return _top_rows(scores, candidate_rows, k)
+
+    def _chamfer_rows(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        assert self._tokens is not None  # noqa: S101 - multi-vector only; for mypy
+        tokens = self._tokens.read(self._token_rows(rows))
+        sizes = self._offsets[rows + 1] - self._offsets[rows]
+        return chamfer(query, np.split(tokens, np.cumsum(sizes)[:-1]))
+
+    def _exact_chamfer(
+        self, query_sets: list[np.ndarray], k: int, allowed: np.ndarray | None, allowed_rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force Chamfer over every (allowed, live) point, in blocks of points."""
+        rows_all = allowed_rows if allowed_rows is not None else np.flatnonzero(
+            self._live if allowed is None else allowed
+        )
+        best_rows = np.full((len(query_sets), 0), -1, dtype=np.int64)
+        best_scores = np.empty((len(query_sets), 0), dtype=np.float32)
+        for start in range(0, len(rows_all), 4096):
+            rows = rows_all[start : start + 4096]
+            scores = np.stack([self._chamfer_rows(query, rows) for query in query_sets])
+            best_rows, best_scores = _top_rows(
+                np.concatenate([best_scores, scores], axis=1),
+                np.concatenate([best_rows, rows[None, :].repeat(len(query_sets), 0)], axis=1),
+                k,
+            )
+        return best_rows, best_scores
+
     def _hits(self, rows: np.ndarray, scores: np.ndarray, with_payload: bool) -> list[list[Hit]]:
         described = self._catalog.describe(np.unique(rows[rows >= 0]).tolist(), with_payload=with_payload)
         return [
@@ -318,11 +471,14 @@ class Collection:
     def _vectors_path(self, generation: int) -> Path:
         return self.path / f"vectors.{generation}.{'f32' if self.config.dtype == 'float32' else 'f16'}"
 
+    def _tokens_path(self, generation: int) -> Path:
+        return self.path / f"tokens.{generation}.{'f32' if self.config.dtype == 'float32' else 'f16'}"
+
     def _remove_stale_files(self) -> None:
         """Files of an older generation or of an interrupted compaction."""
-        current = self._vectors_path(self._generation).name
-        for f in self.path.glob("vectors.*"):
-            if f.name != current:
+        current = {self._vectors_path(self._generation).name, self._tokens_path(self._generation).name}
+        for f in [*self.path.glob("vectors.*"), *self.path.glob("tokens.*")]:
+            if f.name not in current:
                 f.unlink()
 
     def _save_coarse(self) -> None:
