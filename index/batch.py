@@ -49,7 +49,9 @@ def check_ids(ids: Sequence[Any]) -> list[PointId]:
     seen: dict[PointId, int] = {}
     for i, key in enumerate(checked):
         if key in seen:
-            raise DuplicateId(f"id {key!r} appears twice in the batch (ids[{seen[key]}] and ids[{i}]): send each id once")
+            raise DuplicateId(
+                f"id {key!r} appears twice in the batch (ids[{seen[key]}] and ids[{i}]): send each id once"
+            )
         seen[key] = i
     return checked
 

@@ -228,4 +228,4 @@ class _Transaction:
 
 
 def _load(payload: str | None) -> dict[str, Any] | None:
-    return None if payload is None else json.loads(payload)  # type: ignore[no-any-return]
+    return None if payload is None else json.loads(payload)

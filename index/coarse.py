@@ -193,9 +193,10 @@ class BinaryCoarse:
                 excluded = self._n - int(np.count_nonzero(allowed[: self._n]))
                 if excluded <= 4 * width:
                     # A few tombstones: scan everything a little wider, then drop them.
-                    _, found = faiss.knn_hamming(qcode, self.codes, min(width + excluded, self._n))
-                    found = found[0][found[0] >= 0]
-                    return found[allowed[found]][:width]
+                    _, wide = faiss.knn_hamming(qcode, self.codes, min(width + excluded, self._n))
+                    kept: np.ndarray = wide[0][wide[0] >= 0]
+                    kept = kept[allowed[kept]][:width]
+                    return kept
                 rows = np.flatnonzero(allowed[: self._n])
         if rows is None:
             _, found = faiss.knn_hamming(qcode, self.codes, min(width, self._n))
@@ -205,7 +206,8 @@ class BinaryCoarse:
                 return rows
             _, local = faiss.knn_hamming(qcode, self._buffer[rows], min(width, len(rows)))
             found = rows[local[0]]
-        return found[found >= 0]
+        result: np.ndarray = found[found >= 0]
+        return result
 
     def ram_bytes(self) -> int:
         extra = self.mean.nbytes + (self.rotation.nbytes if self.rotation is not None else 0)
@@ -214,8 +216,13 @@ class BinaryCoarse:
 
     def save(self, directory: Path, tag: str) -> dict[str, Any]:
         path = directory / f"coarse.{tag}.npz"
-        ivf = self._ivf.arrays() if self._ivf is not None else {}
-        _atomic_write(path, lambda name: np.savez(open(name, "wb"), codes=self.codes, mean=self.mean, **ivf))
+        arrays = {"codes": self.codes, "mean": self.mean, **(self._ivf.arrays() if self._ivf is not None else {})}
+
+        def write(name: str) -> None:
+            with open(name, "wb") as f:
+                np.savez(f, **arrays)  # type: ignore[arg-type]  # stub confuses **arrays with allow_pickle
+
+        _atomic_write(path, write)
         return {"file": path.name, "rows": self.rows, "fit_rows": self.fit_rows}
 
     def load(self, directory: Path, state: dict[str, Any]) -> None:

@@ -36,8 +36,8 @@ from index.batch import (
     check_vectors,
 )
 from index.catalog import Catalog
+from index.coarse import PQCoarse
 from index.config import CollectionConfig
-from index.coarse import BinaryCoarse, PQCoarse
 from index.dense_store import DenseStore
 from index.errors import CollectionExists, CollectionNotFound, CorruptIndex
 from index.fde import FDEEncoder, MuveraParams, chamfer
@@ -99,7 +99,9 @@ class Collection:
             else None
         )
         stored_dim = self._fde.fde_dim if self._fde is not None else config.dim
-        self._dense = DenseStore(self._vectors_path(self._generation), dim=stored_dim, dtype=config.dtype, n_rows=n_rows)
+        self._dense = DenseStore(
+            self._vectors_path(self._generation), dim=stored_dim, dtype=config.dtype, n_rows=n_rows
+        )
         self._tokens: DenseStore | None = None
         self._offsets = np.zeros(1, dtype=np.int64)
         if self._fde is not None:
@@ -111,7 +113,9 @@ class Collection:
                     "restore the collection from a backup"
                 )
             self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-            self._tokens = DenseStore(self._tokens_path(self._generation), dim=config.dim, dtype=config.dtype, n_rows=n_tokens)
+            self._tokens = DenseStore(
+                self._tokens_path(self._generation), dim=config.dim, dtype=config.dtype, n_rows=n_tokens
+            )
         self._live = np.ones(n_rows, dtype=bool)
         self._live[catalog.dead_rows()] = False
         self._n_dead = int(n_rows - self._live.sum())
@@ -130,7 +134,9 @@ class Collection:
         staging = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
         staging.mkdir(parents=True)
         catalog = Catalog(staging / CATALOG)
-        catalog.set_meta({"config": config.model_dump_json(), "format": FORMAT_VERSION, "generation": "0", "n_rows": "0"})
+        catalog.set_meta(
+            {"config": config.model_dump_json(), "format": FORMAT_VERSION, "generation": "0", "n_rows": "0"}
+        )
         catalog.close()
         if path.exists():
             path.rmdir()
@@ -288,7 +294,8 @@ class Collection:
             return np.empty(0, dtype=np.int64)
         # Vectorised ranges: each point's run of token rows, back to back.
         shift = np.repeat(starts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
-        return np.arange(int(sizes.sum()), dtype=np.int64) + shift
+        rows_out: np.ndarray = np.arange(int(sizes.sum()), dtype=np.int64) + shift
+        return rows_out
 
     # -- reads --------------------------------------------------------------------------------
     def count(self) -> int:
@@ -409,7 +416,9 @@ class Collection:
         unique = np.unique(candidate_rows[candidate_rows >= 0])
         vectors = self._dense.read(unique)
         position = np.searchsorted(unique, np.maximum(candidate_rows, 0))
-        scores = np.einsum("qcd,qd->qc", vectors[position], q) if len(unique) else np.zeros(candidate_rows.shape, np.float32)
+        if not len(unique):
+            return _top_rows(np.full(candidate_rows.shape, -np.inf, np.float32), candidate_rows, k)
+        scores = np.einsum("qcd,qd->qc", vectors[position], q)
         scores = np.where(candidate_rows >= 0, scores, -np.inf).astype(np.float32)
         return _top_rows(scores, candidate_rows, k)
 
@@ -454,7 +463,11 @@ class Collection:
     def _hits(self, rows: np.ndarray, scores: np.ndarray, with_payload: bool) -> list[list[Hit]]:
         described = self._catalog.describe(np.unique(rows[rows >= 0]).tolist(), with_payload=with_payload)
         return [
-            [Hit(*described[r][:1], float(s), described[r][1]) for r, s in zip(rr.tolist(), ss.tolist(), strict=True) if r >= 0]
+            [
+                Hit(described[r][0], float(s), described[r][1])
+                for r, s in zip(rr.tolist(), ss.tolist(), strict=True)
+                if r >= 0
+            ]
             for rr, ss in zip(rows, scores, strict=True)
         ]
 

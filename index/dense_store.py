@@ -68,7 +68,7 @@ class DenseStore:
         """
         data = np.ascontiguousarray(vectors, dtype=self.dtype)
         offset = self.n_rows * self.row_bytes
-        view = memoryview(data).cast("B")
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer; stubs lack it
         while view:
             written = os.pwrite(self._fd, view, offset)
             view = view[written:]
