@@ -22,6 +22,9 @@ import numpy as np
 
 from benchmarks.corpora import RESULTS, gloss_embeddings, machine, write_result
 from index import Collection, CollectionConfig
+from index.coarse import BinaryCoarse
+
+IVF_ROWS = BinaryCoarse.IVF_ROWS
 
 OVERSAMPLING = [1, 2, 4, 8, 10, 16, 32]
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -29,6 +32,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "binary-sign": {"coarse": "binary", "binary_transform": "sign"},
     "binary-rotate": {"coarse": "binary", "binary_transform": "rotate"},
     "binary-hamming-only": {"coarse": "binary", "shortlist_factor": 1.0},
+    "binary-ivf": {"coarse": "binary", "ivf_rows": 0},  # the inverted file forced on, to find the threshold
     "pq": {"coarse": "pq"},
     "flat": {"coarse": "flat"},
 }
@@ -58,7 +62,8 @@ def build(path: Path, config: CollectionConfig, base: np.ndarray, batch: int = 5
 
 
 def recall(truth: np.ndarray, hits: list[list[Any]], k: int = 10) -> float:
-    return float(np.mean([len(set(t[:k].tolist()) & {h.id for h in r[:k]}) / k for t, r in zip(truth, hits)]))
+    found = [len(set(t[:k].tolist()) & {h.id for h in r[:k]}) / k for t, r in zip(truth, hits, strict=True)]
+    return float(np.mean(found))
 
 
 def latency(col: Collection, queries: np.ndarray, *, cold: bool = False, **kwargs: Any) -> dict[str, float]:
@@ -73,7 +78,9 @@ def latency(col: Collection, queries: np.ndarray, *, cold: bool = False, **kwarg
     return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99))}
 
 
-def measure(col: Collection, queries: np.ndarray, truth: np.ndarray, oversampling: float, n_latency: int) -> dict[str, Any]:
+def measure(
+    col: Collection, queries: np.ndarray, truth: np.ndarray, oversampling: float, n_latency: int
+) -> dict[str, Any]:
     found = col.search(queries, 10, oversampling=oversampling, with_payload=False)
     t0 = time.perf_counter()
     col.search(queries, 10, oversampling=oversampling, with_payload=False)
@@ -93,7 +100,9 @@ def run_scale(name: str, base: np.ndarray, queries: np.ndarray, settings: dict[s
               oversampling: list[float], n_latency: int, workdir: Path) -> dict[str, Any]:
     truth = exact_top(base, queries, 10)
     out: dict[str, Any] = {"points": len(base), "queries": len(queries), "kinds": {}}
-    for label, extra in settings.items():
+    for label, setting in settings.items():
+        extra = dict(setting)
+        BinaryCoarse.IVF_ROWS = extra.pop("ivf_rows", IVF_ROWS)
         config = CollectionConfig(dim=base.shape[1], **extra)
         col, build_s = build(workdir / f"{name}-{label}", config, base)
         stats = col.stats()
@@ -109,7 +118,7 @@ def run_scale(name: str, base: np.ndarray, queries: np.ndarray, settings: dict[s
             entry["runs"].append(run)
             print(f"{name} {label:20s} os={o:<4} recall={run['recall_at_10']:.4f} p50={run['p50_ms']:.2f}ms "
                   f"p99={run['p99_ms']:.2f}ms qps={run['batch_qps']:.0f}", flush=True)
-        if label == "binary":
+        if label in ("binary", "binary-flat-scan"):
             entry["cold"] = {}
             for o in (4, 10):
                 for prefetch in (True, False):
@@ -145,7 +154,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     scales = [s for s in ("117k", "1m") if s in result]
     fig, axes = plt.subplots(1, len(scales), figsize=(7 * len(scales), 5), squeeze=False)
-    for ax, scale in zip(axes[0], scales):
+    for ax, scale in zip(axes[0], scales, strict=False):
         for label, entry in result[scale]["kinds"].items():
             runs = entry["runs"]
             ax.plot([r["p50_ms"] for r in runs], [r["recall_at_10"] for r in runs], "o-", label=label)
@@ -172,7 +181,11 @@ def main() -> None:
     result["117k"] = run_scale("117k", base, queries, SETTINGS, OVERSAMPLING, args.latency_queries, workdir)
     if args.scale_1m:
         big = noisy_copies(base, 1_000_000)
-        wanted = {k: SETTINGS[k] for k in ("binary", "pq")}
+        wanted = {
+            "binary-flat-scan": {"coarse": "binary", "ivf_rows": 10**9},
+            "binary": SETTINGS["binary"],
+            "pq": SETTINGS["pq"],
+        }
         result["1m"] = run_scale("1m", big, queries[:300], wanted, [4, 10, 16, 32], args.latency_queries, workdir)
     path = write_result("index", result)
     plot(result, RESULTS / "index.png")

@@ -75,6 +75,8 @@ class BinaryCoarse:
     REFIT_LIMIT = 2_000_000
     #: From this many rows on, search through the inverted file (measured in index_bench).
     IVF_ROWS = 200_000
+    #: k-means needs enough rows per bucket (at least 64 buckets of 39 rows).
+    IVF_MIN_ROWS = 64 * 39
     #: Rows added since the inverted file was last sorted are scanned whole until this many.
     IVF_TAIL_ROWS = 65_536
 
@@ -134,7 +136,7 @@ class BinaryCoarse:
 
     def needs_rebuild(self) -> bool:
         refit = self.transform == "center" and self.fit_rows < self.rows // 2 and self.fit_rows < self.REFIT_LIMIT
-        return refit or (self._ivf is None and self._n >= self.IVF_ROWS)
+        return refit or (self._ivf is None and self._n >= max(self.IVF_ROWS, self.IVF_MIN_ROWS))
 
     def rebuild(self, scan: Scan) -> None:
         """Re-estimate the mean over all rows, re-encode them, re-train the inverted file."""
@@ -152,7 +154,7 @@ class BinaryCoarse:
         self._train_ivf()
 
     def _train_ivf(self) -> None:
-        if self._n < self.IVF_ROWS:
+        if self._n < max(self.IVF_ROWS, self.IVF_MIN_ROWS):
             self._ivf = None
             return
         self._ivf = _BinaryIVF.train(self.codes)
@@ -193,18 +195,20 @@ class BinaryCoarse:
                 excluded = self._n - int(np.count_nonzero(allowed[: self._n]))
                 if excluded <= 4 * width:
                     # A few tombstones: scan everything a little wider, then drop them.
-                    _, wide = faiss.knn_hamming(qcode, self.codes, min(width + excluded, self._n))
+                    _, wide = faiss.knn_hamming(qcode, self.codes, min(width + excluded, self._n), variant="mc")
                     kept: np.ndarray = wide[0][wide[0] >= 0]
                     kept = kept[allowed[kept]][:width]
                     return kept
                 rows = np.flatnonzero(allowed[: self._n])
+        # A heap ("hc") is faster for short lists, counting distances ("mc") for long ones.
+        variant = "mc" if width > 256 else "hc"
         if rows is None:
-            _, found = faiss.knn_hamming(qcode, self.codes, min(width, self._n))
+            _, found = faiss.knn_hamming(qcode, self.codes, min(width, self._n), variant=variant)
             found = found[0]
         else:
             if len(rows) == 0:
                 return rows
-            _, local = faiss.knn_hamming(qcode, self._buffer[rows], min(width, len(rows)))
+            _, local = faiss.knn_hamming(qcode, self._buffer[rows], min(width, len(rows)), variant=variant)
             found = rows[local[0]]
         result: np.ndarray = found[found >= 0]
         return result

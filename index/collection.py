@@ -412,15 +412,25 @@ class Collection:
         return best_rows, best_scores
 
     def _rerank(self, q: np.ndarray, candidate_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores for the candidates only, read from disk in one pass for all queries."""
-        unique = np.unique(candidate_rows[candidate_rows >= 0])
-        vectors = self._dense.read(unique)
-        position = np.searchsorted(unique, np.maximum(candidate_rows, 0))
-        if not len(unique):
-            return _top_rows(np.full(candidate_rows.shape, -np.inf, np.float32), candidate_rows, k)
-        scores = np.einsum("qcd,qd->qc", vectors[position], q)
-        scores = np.where(candidate_rows >= 0, scores, -np.inf).astype(np.float32)
-        return _top_rows(scores, candidate_rows, k)
+        """Exact scores for the candidates only, read from disk once per block of queries."""
+        rows_out, scores_out = [], []
+        for start in range(0, len(q), 64):  # bounds the (queries, candidates, dim) gather
+            block = candidate_rows[start : start + 64]
+            unique = np.unique(block[block >= 0])
+            if not len(unique):
+                rows, scores = _top_rows(np.full(block.shape, -np.inf, np.float32), block, k)
+            else:
+                vectors = self._dense.read(unique)
+                position = np.searchsorted(unique, np.maximum(block, 0))
+                scores = np.einsum("qcd,qd->qc", vectors[position], q[start : start + 64])
+                rows, scores = _top_rows(np.where(block >= 0, scores, -np.inf).astype(np.float32), block, k)
+            rows_out.append(rows)
+            scores_out.append(scores)
+        width = max(r.shape[1] for r in rows_out)
+        return (
+            np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=-1) for r in rows_out]),
+            np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1])), constant_values=-np.inf) for s in scores_out]),
+        )
 
     def _rerank_chamfer(
         self, query_sets: list[np.ndarray], candidate_rows: np.ndarray, k: int

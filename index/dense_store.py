@@ -108,8 +108,13 @@ class DenseStore:
             yield start, np.asarray(mapped[start : start + chunk_rows], dtype=np.float32)
 
     def evict(self) -> None:
-        """Drop this file's pages from the page cache (benchmarks of cold reads)."""
+        """Drop this file's pages from the page cache (benchmarks of cold reads).
+
+        Pages mapped into a process are not evicted, so the map is dropped first.
+        """
+        self._map = None
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        self._remap()
 
     def disk_bytes(self) -> int:
         return self.n_rows * self.row_bytes
