@@ -177,8 +177,10 @@ class BinaryCoarse:
             rows = self._shortlist(qcodes[i : i + 1], width, allowed)
             if width > n and len(rows) > n:
                 bits = np.unpackbits(self._buffer[rows], axis=1, count=self.dim).astype(np.float32)
-                # <q, 2b - 1> = 2 <q, b> - sum(q): one matrix-vector product over 0/1 bits.
-                rows = rows[_top(bits @ projected[i], n)]
+                # <q, 2b - 1> = 2 <q, b> - sum(q): one matrix-vector product over 0/1 bits. einsum,
+                # not BLAS: OpenBLAS threads a product this small and, beside faiss's OpenMP
+                # threads on 2 cores, took 9 ms instead of 0.2 ms.
+                rows = rows[_top(np.einsum("sd,d->s", bits, projected[i]), n)]
             out[i, : len(rows)] = rows[:n]
         return out
 
