@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
@@ -98,7 +96,9 @@ class TextEncoder:
             raise ValueError(f"max_length must be >= 2 ([CLS] and [SEP]), got {max_length}")
         model_max = _model_max_length(model_dir)
         if model_max is not None and max_length > model_max:
-            logger.info("max_length %d capped at the model's max_seq_length %d", max_length, model_max)
+            logger.info(
+                "max_length %d capped at the model's max_seq_length %d", max_length, model_max
+            )
             max_length = model_max
 
         tokenizer = Tokenizer.from_file(str(tok_path))
@@ -113,7 +113,9 @@ class TextEncoder:
             opts.intra_op_num_threads = threads
         if providers is None:
             providers = _default_providers()
-        session = ort.InferenceSession(str(model_path), sess_options=opts, providers=list(providers))
+        session = ort.InferenceSession(
+            str(model_path), sess_options=opts, providers=list(providers)
+        )
         enc = cls(
             name=model_dir.name,
             session=session,
@@ -168,7 +170,7 @@ class TextEncoder:
 
     def _run_sorted(
         self, texts: Sequence[str], batch_size: int
-    ) -> Any:
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Yield (indices, input_ids, attention_mask, token_embeddings) per batch.
 
         Texts are sorted by token count so a batch pads little; `indices` maps the batch rows

@@ -71,7 +71,9 @@ def load_beir(folder: Path, *, split: str = "test") -> BeirDataset:
         reader = csv.reader(f, delimiter="\t")
         header = next(reader)
         if header[:2] != ["query-id", "corpus-id"]:
-            raise ValueError(f"{qrels_path}: expected a header 'query-id corpus-id score', got {header}")
+            raise ValueError(
+                f"{qrels_path}: expected a header 'query-id corpus-id score', got {header}"
+            )
         for qid, did, score in reader:
             qrels.setdefault(qid, {})[did] = int(score)
 

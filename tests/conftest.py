@@ -27,3 +27,9 @@ def onnx_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # --- end of encoder fixtures ----------------------------------------------------------------
+
+
+# --- service fixtures (issue 4) ---------------------------------------------------------------
+# `server`, `client`, `models_dir`: a real tandem server on loopback (tests/server.py).
+pytest_plugins = ("tests.server",)
+# --- end of service fixtures ------------------------------------------------------------------

@@ -20,7 +20,9 @@ def test_concurrent_submits_are_coalesced_and_ordered() -> None:
         return [i * i for i in items]
 
     async def main() -> list[int]:
-        b: MicroBatcher[int, int] = MicroBatcher(square, max_batch=16, max_wait_ms=20, max_queue=100)
+        b: MicroBatcher[int, int] = MicroBatcher(
+            square, max_batch=16, max_wait_ms=20, max_queue=100
+        )
         try:
             return await asyncio.gather(*(b.submit(i) for i in range(40)))
         finally:

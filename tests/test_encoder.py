@@ -11,6 +11,10 @@ from service.encoder import EncoderNotFound, TextEncoder
 
 pytestmark = pytest.mark.slow
 
+# Cosines from sentence-transformers 6.2 (SentenceTransformer on the packaged weights).
+GOLDEN_AB = 0.75534  # "A man is eating food." vs "A man is eating a piece of bread."
+GOLDEN_AC = -0.03647  # "A man is eating food." vs "The stock market fell."
+
 # A sentence of 8 word-piece tokens; repeated it makes texts of known token counts.
 UNIT = "the quick brown fox jumps over lazy dogs "
 

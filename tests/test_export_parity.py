@@ -120,3 +120,23 @@ def test_export_replaces_an_older_export_whole(tmp_path: Path) -> None:
     assert not (out / "leftover.txt").exists()
     assert (out / "model.onnx").stat().st_size > 1_000_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["minilm"]  # no temporary folder left
+
+
+def test_int8_model_stays_close_to_float32(onnx_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from service.model_export import quantize_model
+
+    model_dir = tmp_path / "minilm"
+    shutil.copytree(onnx_model_dir, model_dir, ignore=shutil.ignore_patterns("model.int8.onnx"))
+    written = quantize_model(model_dir)
+    assert written.name == "model.int8.onnx"
+    assert written.stat().st_size < (model_dir / "model.onnx").stat().st_size
+
+    fp32 = TextEncoder.load(model_dir, threads=2)
+    int8 = TextEncoder.load(model_dir, threads=2, quantized=True)
+    cosines = (fp32.encode(TEXTS) * int8.encode(TEXTS)).sum(axis=1)
+    # The "ffn" scheme measured min 0.986 / mean 0.995 on 350 SciFact texts, and kept
+    # SciFact nDCG@10 within 0.0003 of float32 (that check is run by `tandem eval`).
+    assert cosines.min() >= 0.97, cosines
+    assert cosines.mean() >= 0.985, cosines
