@@ -127,6 +127,16 @@ def run_scale(name: str, base: np.ndarray, queries: np.ndarray, settings: dict[s
                     entry["cold"][key] = latency(col, queries[: n_latency // 3], cold=True, oversampling=o)
                     print(f"{name} cold {key}: {entry['cold'][key]}", flush=True)
                 col._dense.prefetch = True  # noqa: SLF001
+        if label == "binary" and col._coarse._ivf is not None:  # noqa: SLF001 - tuning the inverted file
+            coarse = col._coarse  # noqa: SLF001
+            default = coarse.nprobe
+            entry["nprobe_sweep"] = {"nlist": coarse._ivf.nlist, "default": default, "runs": []}  # noqa: SLF001
+            for nprobe in sorted({default // 4, default // 2, default, default * 2}):
+                coarse.nprobe = nprobe
+                run = {"nprobe": nprobe, **measure(col, queries, truth, 16, n_latency)}
+                entry["nprobe_sweep"]["runs"].append(run)
+                print(f"{name} nprobe={nprobe} os=16 recall={run['recall_at_10']:.4f} p50={run['p50_ms']:.2f}ms")
+            coarse.nprobe = default
         out["kinds"][label] = entry
         col.close()
         shutil.rmtree(workdir / f"{name}-{label}")
