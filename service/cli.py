@@ -1,0 +1,117 @@
+"""`tandem`: serve, export-model, eval.
+
+    tandem serve [--host H] [--port P] [--data-dir D] [--models-dir M] [--api-key K] ...
+    tandem export-model --models-dir models
+    tandem eval --dataset PATH [--models-dir models]
+
+Every `serve` flag is also a `TANDEM_*` environment variable (flags win); `tandem serve --help`
+lists them with their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.logs import configure_logging
+from service.settings import Settings
+
+logger = logging.getLogger("service.cli")
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve", help="start the HTTP service",
+        description="Start the HTTP service. Every flag is also an environment variable (shown in "
+        "brackets); a flag wins over the variable.",
+    )
+    for name, field in Settings.model_fields.items():
+        env = f"TANDEM_{name.upper()}"
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        help_text = f"{field.description} [{env}; default: {default if default is not None else 'unset'}]"
+        if field.annotation is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags that were given."""
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**overrides)
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    configure_logging(settings.log_level)
+    if settings.model_dir is not None and not (settings.model_dir / "model.onnx").is_file():
+        logger.error(
+            "no model at %s: run `tandem export-model --models-dir %s` (./dev up does it), "
+            "or start with --encoder '' to serve vectors only",
+            settings.model_dir / "model.onnx", settings.models_dir,
+        )
+        return 2
+    effective = settings.model_dump(mode="json")
+    effective["api_key"] = "***" if settings.api_key is not None else None
+    logger.info("configuration: %s", json.dumps(effective, sort_keys=True))
+    # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish for up to
+    # timeout_graceful_shutdown seconds, then runs the lifespan's shutdown (closing collections).
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_config=None,
+        access_log=False, timeout_graceful_shutdown=settings.shutdown_timeout_s, lifespan="on",
+        server_header=False,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tandem", description="tandem vector retrieval service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    exp = sub.add_parser("export-model", help="export all-MiniLM-L6-v2 to ONNX (needs the 'export' extra)")
+    exp.add_argument("--models-dir", type=Path, default=Path("models"), help="where the model folder goes")
+    exp.add_argument("--name", default="minilm", help="name of the model folder")
+    ev = sub.add_parser("eval", help="retrieval quality (nDCG@10...) on a BEIR-format dataset")
+    ev.add_argument("--dataset", type=Path, required=True, help="folder with corpus, queries, qrels")
+    ev.add_argument("--models-dir", type=Path, default=Path("models"))
+    ev.add_argument("--model", default="minilm")
+    ev.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        try:
+            settings = build_settings(args)
+        except ValidationError as exc:
+            # Not str(exc): it echoes the input values, and one of them may be the API key.
+            for e in exc.errors(include_input=False, include_url=False):
+                where = ".".join(str(x) for x in e["loc"]) or "settings"
+                print(f"tandem serve: {where}: {e['msg']}", file=sys.stderr)
+            return 2
+        return serve(settings)
+    configure_logging("info")
+    if args.command == "export-model":
+        from service.model_export import run_export
+
+        run_export(args.models_dir, args.name)
+        return 0
+    from service.evaluate import print_table, run_eval_cli
+
+    rows = run_eval_cli(args.dataset, args.models_dir, model=args.model, threads=args.threads)
+    print_table(rows, title=str(args.dataset))
+    return 0
+
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

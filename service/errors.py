@@ -1,0 +1,163 @@
+"""One table from error types to HTTP statuses, and the one shape every error body has.
+
+    {"error": {"type": "dimension_mismatch", "message": "...", "request_id": "..."}}
+
+Library errors (``index.errors``) and the service's own (below) are looked up along their MRO
+in `STATUS`, so a new subclass inherits its parent's status. Anything not in the table is a
+bug: it is logged with the request id and answered with a 500 that echoes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from index import errors as index_errors
+from service.batcher import BatcherClosed, Overloaded
+from service.encoder import EncoderNotFound
+from service.logs import request_id_var
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """An error of the HTTP layer itself; subclasses are listed in `STATUS`."""
+
+    headers: dict[str, str] | None = None
+
+
+class BadRequest(ServiceError):
+    """Malformed request: not JSON, a bad path segment, an unsafe collection name."""
+
+
+class Unauthorized(ServiceError):
+    """Missing or wrong API key."""
+
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(ServiceError):
+    """No such route, job or point."""
+
+
+class ConfigConflict(ServiceError):
+    """A collection of that name exists with another configuration."""
+
+
+class BodyTooLarge(ServiceError):
+    """The request body exceeds `max_body_bytes`."""
+
+
+class BatchTooLarge(ServiceError):
+    """More points or searches in one request than the configured limit."""
+
+
+class Unprocessable(ServiceError):
+    """Well-formed, but cannot be done: text without an encoder, both text and vector..."""
+
+
+class NotReady(ServiceError):
+    """The service is starting, shutting down, or failed to start."""
+
+
+class EncoderUnavailable(ServiceError):
+    """A collection names an encoder this server did not load."""
+
+
+# The table: most specific types first is not needed, the MRO walk finds the nearest entry.
+STATUS: dict[type[Exception], int] = {
+    BadRequest: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    index_errors.CollectionNotFound: 404,
+    index_errors.PointNotFound: 404,
+    ConfigConflict: 409,
+    index_errors.CollectionExists: 409,
+    BodyTooLarge: 413,
+    BatchTooLarge: 413,
+    Unprocessable: 422,
+    index_errors.InvalidInput: 422,  # DimensionMismatch, InvalidVector, InvalidId, InvalidFilter...
+    Overloaded: 429,
+    NotReady: 503,
+    EncoderUnavailable: 503,
+    EncoderNotFound: 503,
+    BatcherClosed: 503,
+}
+
+
+def status_of(exc: BaseException) -> int | None:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return None
+
+
+def type_name(exc: BaseException) -> str:
+    """`DimensionMismatch` -> `dimension_mismatch`."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+def error_body(type_: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message, "request_id": request_id_var.get()}}
+
+
+def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+
+
+def internal_error_response() -> JSONResponse:
+    return error_response(
+        500, "internal", "internal error; the server log holds the details under this request id"
+    )
+
+
+async def _mapped(request: Request, exc: Exception) -> JSONResponse:
+    status = status_of(exc)
+    if status is None:
+        logger.error("unhandled %s", type(exc).__name__, exc_info=exc)
+        return internal_error_response()
+    return error_response(status, type_name(exc), str(exc), getattr(exc, "headers", None))
+
+
+_HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "body_too_large", 415: "unsupported_media_type"}
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI turns an exception raised while reading the body into a 400; ours says 413.
+    if isinstance(exc.__cause__, BodyTooLarge):
+        return await _mapped(request, exc.__cause__)
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no route {request.method} {request.url.path}: see /docs"
+    if exc.status_code >= 500:
+        return internal_error_response()
+    return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"), message,
+                          dict(exc.headers) if exc.headers else None)
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = exc.errors()
+    if any(p.get("type") == "json_invalid" for p in problems):
+        return error_response(400, "invalid_json", "the request body is not valid JSON")
+    parts = []
+    for p in problems[:10]:
+        loc = ".".join(str(x) for x in p.get("loc", ()) if x != "body")
+        msg = str(p.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+    return error_response(422, "validation_error", "; ".join(parts) + more)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers; the request-context middleware answers anything that escapes."""
+    app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]  # starlette's handler type is too narrow
+    app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]  # idem
+    for cls in STATUS:
+        app.add_exception_handler(cls, _mapped)

@@ -1,0 +1,245 @@
+"""NDJSON ingestion jobs: a body of any size, one point per line, committed chunk by chunk.
+
+How a job runs (bounded memory whatever the body's size):
+1. The request handler streams the body (`request.stream()`) to a spool file in
+   ``data_dir/ingest/`` (one buffer of at most 1 MiB in RAM), then answers 202 with the job id:
+   the client has sent its body by then anyway, and the 202 does not wait for the encoding.
+2. A worker thread reads the spool file line by line (each line at most `max_line_bytes`),
+   validates each point, gathers `ingest_chunk_points` of them, encodes their texts, and
+   upserts the chunk (atomic). A bad line is recorded (`{"line", "message"}`, the first 100
+   kept) and skipped; the job goes on. The job's state is saved in SQLite after each chunk.
+3. Jobs run one at a time, in arrival order; the spool file is deleted when the job ends.
+After a restart, jobs left running read as failed with the points they had committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from index.errors import InvalidInput
+from service.jobs import Job
+from service.registry import OpenCollection
+from service.schemas import PointIn, vector_array
+
+if TYPE_CHECKING:
+    from service.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+_SPOOL_FLUSH = 2**20
+
+
+class Ingestor:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.spool_dir = runtime.settings.data_dir / "ingest"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
+        self._stop = threading.Event()
+        self._running: set[asyncio.Future[None]] = set()
+        self.active: dict[str, Job] = {}  # jobs accepted and not finished, by id (live progress)
+
+    def clean_spool(self) -> None:
+        """Spool files of jobs a previous process did not finish (those jobs now read as failed)."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        for f in self.spool_dir.iterdir():
+            f.unlink()
+
+    async def accept(self, opened: OpenCollection, request: Request) -> tuple[Job, int]:
+        """Spool the request body, register the job, start it; returns (job, bytes received)."""
+        assert self.runtime.jobs is not None  # noqa: S101 - require_ready() ran; for mypy
+        job = Job(job_id=uuid.uuid4().hex, collection=opened.name)
+        path = self.spool_dir / f"{job.job_id}.ndjson"
+        received = 0
+        f = await run_in_threadpool(open, path, "wb")
+        try:
+            buffer = bytearray()
+            async for chunk in request.stream():
+                buffer += chunk
+                received += len(chunk)
+                if len(buffer) >= _SPOOL_FLUSH:
+                    await run_in_threadpool(f.write, bytes(buffer))
+                    buffer.clear()
+            if buffer:
+                await run_in_threadpool(f.write, bytes(buffer))
+            await run_in_threadpool(f.close)
+        except BaseException:  # client went away mid-body: no job
+            f.close()
+            path.unlink(missing_ok=True)
+            raise
+        await run_in_threadpool(self.runtime.jobs.save, job)
+        self.active[job.job_id] = job
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, job, opened, path)
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
+        logger.info("ingestion job %s accepted: %d bytes for %s", job.job_id, received, opened.name)
+        return job, received
+
+    async def stop(self) -> None:
+        """Stop after the chunk being committed; unfinished jobs end as failed."""
+        self._stop.set()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        self._pool.shutdown(wait=True)
+
+    # -- the worker thread ----------------------------------------------------------------
+    def _run(self, job: Job, opened: OpenCollection, path: Path) -> None:
+        jobs = self.runtime.jobs
+        assert jobs is not None  # noqa: S101 - set before any job starts; for mypy
+        job.started_at = time.time()
+        jobs.save(job)
+        try:
+            with open(path, "rb") as f:
+                self._process(job, opened, f)
+            if self._stop.is_set():
+                job.state, job.message = "failed", "interrupted by shutdown; points_committed were kept"
+            else:
+                job.state = "completed"
+        except Exception as exc:
+            logger.exception("ingestion job %s failed", job.job_id)
+            job.state = "failed"
+            job.message = f"stopped after {job.lines_read} lines: {type(exc).__name__}"
+        finally:
+            job.finished_at = time.time()
+            jobs.save(job)
+            path.unlink(missing_ok=True)
+            self.active.pop(job.job_id, None)
+            logger.info(
+                "ingestion job %s %s: %d lines, %d points, %d bad lines, %.0f points/s",
+                job.job_id, job.state, job.lines_read, job.points_committed, job.error_count, job.rate_per_s,
+            )
+
+    def _process(self, job: Job, opened: OpenCollection, f: BinaryIO) -> None:
+        settings = self.runtime.settings
+        chunk: dict[Any, tuple[int, PointIn]] = {}  # id -> (line number, point)
+        for number, line in _lines(f, settings.max_line_bytes):
+            if self._stop.is_set():
+                return
+            job.lines_read = number
+            if line is None:
+                self._fail(job, number, f"line longer than {settings.max_line_bytes} bytes (--max-line-bytes)")
+                continue
+            if not line.strip():
+                continue
+            try:
+                point = PointIn.model_validate_json(line)
+            except ValidationError as exc:
+                self._fail(job, number, _first_problem(exc))
+                continue
+            if point.id in chunk:  # same id twice in a chunk: the later line wins, as if one by one
+                self._commit(job, opened, chunk)
+            chunk[point.id] = (number, point)
+            if len(chunk) >= settings.ingest_chunk_points:
+                self._commit(job, opened, chunk)
+        if chunk and not self._stop.is_set():
+            self._commit(job, opened, chunk)
+
+    def _commit(self, job: Job, opened: OpenCollection, chunk: dict[Any, tuple[int, PointIn]]) -> None:
+        entries = list(chunk.values())
+        chunk.clear()
+        config = opened.collection.config
+        vectors = np.zeros((len(entries), config.dim), dtype=np.float32)
+        good = np.ones(len(entries), dtype=bool)
+        text_rows: list[int] = []
+        for i, (number, p) in enumerate(entries):
+            if p.vectors is not None:
+                good[i] = False
+                self._fail(job, number, "'vectors' (a vector set) is for multi-vector collections, not available yet")
+            elif p.text is not None:
+                text_rows.append(i)
+            elif p.vector is not None:
+                try:
+                    array = vector_array(p.vector)
+                except InvalidInput as exc:
+                    good[i] = False
+                    self._fail(job, number, str(exc))
+                    continue
+                if array.shape != (config.dim,):
+                    good[i] = False
+                    self._fail(job, number, f"vector has {array.size} numbers, the collection's dim is {config.dim}")
+                else:
+                    vectors[i] = array
+        if text_rows:
+            try:
+                encoder = self.runtime.encoder_of(opened)
+            except Exception as exc:
+                for i in text_rows:
+                    good[i] = False
+                    self._fail(job, entries[i][0], str(exc))
+            else:
+                vectors[text_rows] = encoder.encode([entries[i][1].text or "" for i in text_rows], batch_size=64)
+        bad_rows = ~np.isfinite(vectors).all(axis=1)
+        if config.metric == "cosine":
+            bad_rows |= ~vectors.any(axis=1)
+        for row in np.flatnonzero(good & bad_rows).tolist():
+            good[row] = False
+            self._fail(job, entries[row][0], "vector holds NaN or inf, or is all zeros under cosine")
+        rows = np.flatnonzero(good)
+        if not len(rows):
+            self.runtime.jobs.save(job)  # type: ignore[union-attr]  # set before jobs run
+            return
+        ids = [entries[i][1].id for i in rows]
+        payloads = [entries[i][1].payload for i in rows]
+        try:
+            opened.collection.upsert(ids, vectors[rows], payloads)
+            committed = len(rows)
+        except InvalidInput:
+            committed = 0  # find the culprits: one point at a time
+            for row in rows.tolist():
+                number, p = entries[row]
+                try:
+                    opened.collection.upsert([p.id], vectors[row : row + 1], [p.payload])
+                    committed += 1
+                except InvalidInput as exc:
+                    self._fail(job, number, str(exc))
+        job.points_committed += committed
+        metrics = self.runtime.metrics
+        metrics.ingested_points.inc(committed)
+        metrics.set_points(opened.name, opened.collection.count())
+        self.runtime.jobs.save(job)  # type: ignore[union-attr]  # set before jobs run
+
+    def _fail(self, job: Job, number: int, message: str) -> None:
+        job.add_error(number, message)
+        self.runtime.metrics.ingest_failed_lines.inc()
+
+
+def _lines(f: BinaryIO, limit: int) -> Any:
+    """(1-based number, line bytes) per line; None for a line over `limit` bytes (skipped)."""
+    number = 0
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # skip the rest of the long line
+                line = f.readline(2**20)
+            yield number, None
+            continue
+        yield number, line
+
+
+def _first_problem(exc: ValidationError) -> str:
+    problems = exc.errors()
+    if not problems:
+        return "invalid point"
+    p = problems[0]
+    if p.get("type") == "json_invalid":
+        return "not valid JSON"
+    loc = ".".join(str(x) for x in p.get("loc", ()))
+    msg = str(p.get("msg", "invalid"))
+    return f"{loc}: {msg}" if loc else msg
+
+
+__all__ = ["Ingestor"]

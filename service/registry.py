@@ -1,0 +1,195 @@
+"""The named collections the service holds open, on disk under ``data_dir/collections``.
+
+Layout, one folder per collection::
+
+    data_dir/collections/<name>/service.json   # service-level settings: {"name", "encoder", "created_at"}
+    data_dir/collections/<name>/index/         # the library's collection (index.Collection)
+
+``service.json`` is written (atomically) before the index is created, so a folder with
+``service.json`` and no index is an interrupted create, removed at start-up. A drop first
+renames the folder to a hidden name, so a crash mid-drop never leaves a half collection behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from index import Collection, CollectionConfig
+from index.errors import CollectionNotFound
+from service.errors import BadRequest, ConfigConflict, Unprocessable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
+SERVICE_FILE = "service.json"
+INDEX_DIR = "index"
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise BadRequest(
+            f"invalid collection name {name[:80]!r}: use 1 to 64 letters, digits, '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def multivector_available() -> bool:
+    """The one place that decides whether multi-vector collections can be created.
+
+    Flip to the library's multi-vector class once ``index/multivector.py`` lands; the rest of
+    the service already passes ``CollectionConfig(multivector=...)`` through.
+    """
+    try:
+        import index.multivector  # noqa: F401
+    except ImportError:
+        return False
+    return False  # not wired yet: points with "vectors" need the library's multi-vector API
+
+
+@dataclass
+class OpenCollection:
+    """A collection as the service sees it: its name, the library object, its encoder name."""
+
+    name: str
+    collection: Collection
+    encoder: str | None
+    created_at: float
+    dropped: bool = False
+
+    def guarded(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call a method of the collection; if it was dropped meanwhile, say so (404), not 500."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            if self.dropped:
+                raise CollectionNotFound(f"collection {self.name!r} was dropped during the request") from None
+            raise
+
+    def same_as(self, config: CollectionConfig, encoder: str | None) -> bool:
+        return self.collection.config == config and self.encoder == encoder
+
+
+class CollectionRegistry:
+    """Create, open, list and drop named collections; thread-safe (blocking calls: run in a thread)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir) / "collections"
+        self._open: dict[str, OpenCollection] = {}
+        self._lock = threading.Lock()
+
+    def open_all(self) -> list[str]:
+        """Open every collection under the root; clean up interrupted creates and drops."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith("."):
+                logger.warning("removing %s, left by an interrupted create or drop", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            if not entry.is_dir() or not _NAME.fullmatch(entry.name):
+                logger.warning("ignoring %s: not a collection folder", entry)
+                continue
+            meta_path = entry / SERVICE_FILE
+            if not meta_path.is_file():
+                logger.warning("ignoring %s: no %s", entry, SERVICE_FILE)
+                continue
+            if not (entry / INDEX_DIR).exists():
+                logger.warning("removing %s: its creation was interrupted", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            meta = json.loads(meta_path.read_text())
+            collection = Collection.open(entry / INDEX_DIR)
+            self._open[entry.name] = OpenCollection(
+                entry.name, collection, meta.get("encoder"), float(meta.get("created_at", 0))
+            )
+            logger.info("opened collection %s: %d points", entry.name, collection.count())
+        return sorted(self._open)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._open)
+
+    def get(self, name: str) -> OpenCollection:
+        with self._lock:
+            found = self._open.get(name)
+        if found is None:
+            raise CollectionNotFound(f"no collection named {name!r}: create it with PUT /collections/{name}")
+        return found
+
+    def create(self, name: str, config: CollectionConfig, encoder: str | None) -> tuple[OpenCollection, bool]:
+        """The collection and True when created; the existing one and False when identical.
+
+        Raises ConfigConflict when a collection of that name exists with another config.
+        """
+        check_name(name)
+        if config.multivector is not None and not multivector_available():
+            raise Unprocessable("multi-vector collections are not available yet: omit 'multivector'")
+        with self._lock:
+            existing = self._open.get(name)
+            if existing is not None:
+                if existing.same_as(config, encoder):
+                    return existing, False
+                raise ConfigConflict(
+                    f"collection {name!r} exists with another configuration "
+                    f"({_describe(existing.collection.config, existing.encoder)}): "
+                    "use another name, or DELETE it first"
+                )
+            folder = self.root / name
+            if folder.exists():  # a leftover not opened at start-up
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            meta: dict[str, Any] = {"name": name, "encoder": encoder, "created_at": time.time()}
+            _write_json(folder / SERVICE_FILE, meta)
+            collection = Collection.create(folder / INDEX_DIR, config)
+            opened = OpenCollection(name, collection, encoder, float(meta["created_at"]))
+            self._open[name] = opened
+        logger.info("created collection %s (%s)", name, _describe(config, encoder))
+        return opened, True
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            opened = self._open.pop(name, None)
+            if opened is None:
+                raise CollectionNotFound(f"no collection named {name!r}")
+            trash = self.root / f".{name}.dropping-{uuid.uuid4().hex[:8]}"
+            os.rename(self.root / name, trash)
+            opened.dropped = True
+        opened.collection.close()  # waits for in-flight searches (the collection's write lock)
+        shutil.rmtree(trash, ignore_errors=True)
+        logger.info("dropped collection %s", name)
+
+    def close_all(self) -> None:
+        with self._lock:
+            opened, self._open = list(self._open.values()), {}
+        for o in opened:
+            try:
+                o.collection.close()
+            except Exception:
+                logger.exception("closing collection %s failed", o.name)
+
+
+def _describe(config: CollectionConfig, encoder: str | None) -> str:
+    return f"dim={config.dim} metric={config.metric} coarse={config.coarse} encoder={encoder}"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

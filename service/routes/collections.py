@@ -1,0 +1,57 @@
+"""PUT/GET/DELETE /collections/{name}, GET /collections."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import CollectionDep, CollectionName, ReadyRuntime
+from service.registry import OpenCollection, check_name
+from service.schemas import CollectionCreate, CollectionCreated, CollectionInfo, CollectionList, Dropped
+
+router = APIRouter(prefix="/collections", tags=["collections"])
+
+
+def info(opened: OpenCollection) -> CollectionInfo:
+    stats = opened.collection.stats()
+    return CollectionInfo(
+        name=opened.name, config=opened.collection.config, encoder=opened.encoder,
+        points=stats.points, ram_bytes=stats.ram_bytes, disk_bytes=stats.disk_bytes,
+        created_at=opened.created_at,
+    )
+
+
+@router.put(
+    "/{name}", response_model=CollectionCreated, status_code=201,
+    summary="create a collection (201); 200 if it exists with this config, 409 if with another",
+    responses={200: {"model": CollectionCreated}, 409: {"description": "exists with another config"}},
+)
+async def create_collection(
+    name: CollectionName, body: CollectionCreate, runtime: ReadyRuntime, response: Response
+) -> CollectionCreated:
+    check_name(name)
+    dim = runtime.check_encoder(body.encoder, body.dim)
+    opened, created = await run_in_threadpool(runtime.registry.create, name, body.index_config(dim), body.encoder)
+    if not created:
+        response.status_code = 200
+    runtime.metrics.set_points(name, opened.collection.count())
+    described = await run_in_threadpool(info, opened)
+    return CollectionCreated(status="created" if created else "exists", collection=described)
+
+
+@router.get("", response_model=CollectionList, summary="every collection, with counts")
+async def list_collections(runtime: ReadyRuntime) -> CollectionList:
+    opened = [runtime.registry.get(n) for n in runtime.registry.names()]
+    return CollectionList(collections=await run_in_threadpool(lambda: [info(o) for o in opened]))
+
+
+@router.get("/{name}", response_model=CollectionInfo, summary="config and counts (points, RAM, disk)")
+async def get_collection(opened: CollectionDep) -> CollectionInfo:
+    return await run_in_threadpool(info, opened)
+
+
+@router.delete("/{name}", response_model=Dropped, summary="drop a collection and its files")
+async def drop_collection(opened: CollectionDep, runtime: ReadyRuntime) -> Dropped:
+    await run_in_threadpool(runtime.registry.drop, opened.name)
+    runtime.metrics.forget_collection(opened.name)
+    return Dropped(name=opened.name)

@@ -1,0 +1,42 @@
+"""NDJSON ingestion: POST /collections/{name}/ingest starts a job, GET /jobs/{job_id} follows it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import CollectionDep, ReadyRuntime
+from service.errors import NotFound
+from service.schemas import JobAccepted, JobState
+
+router = APIRouter(tags=["ingestion"])
+
+_NDJSON_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "one point per line, the shape of PUT .../points' items: "
+        '{"id": 7, "text": "...", "payload": {...}} or {"id": "a1", "vector": [...]}',
+        "content": {"application/x-ndjson": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.post(
+    "/collections/{name}/ingest", response_model=JobAccepted, status_code=202,
+    summary="stream any number of points as NDJSON; processed by a background job",
+    openapi_extra=_NDJSON_BODY,
+)
+async def ingest(request: Request, opened: CollectionDep, runtime: ReadyRuntime) -> JobAccepted:
+    assert runtime.ingestor is not None  # noqa: S101 - set once ready; for mypy
+    job, received = await runtime.ingestor.accept(opened, request)
+    return JobAccepted(job_id=job.job_id, bytes_received=received)
+
+
+@router.get("/jobs/{job_id}", response_model=JobState, summary="progress and bad lines of an ingestion job")
+async def get_job(job_id: str, runtime: ReadyRuntime) -> JobState:
+    assert runtime.jobs is not None  # noqa: S101 - set once ready; for mypy
+    active = runtime.ingestor.active if runtime.ingestor is not None else {}
+    job = active.get(job_id) or await run_in_threadpool(runtime.jobs.get, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return JobState.model_validate(job.to_dict())

@@ -1,0 +1,299 @@
+"""What a running server holds: open collections, the encoder and its micro-batcher, jobs, metrics.
+
+`Runtime.start()` runs as a background task of the app's lifespan, so that `/livez` answers at
+once and `/readyz` says 503 until the collections are open and the encoder answered a probe.
+Every CPU-bound call (encoding, faiss, disk reads and writes) runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from index import SearchResult
+from index.errors import DimensionMismatch
+from service import schemas
+from service.batcher import MicroBatcher, Overloaded
+from service.encoder import TextEncoder
+from service.errors import BatchTooLarge, EncoderUnavailable, NotReady, Unprocessable
+from service.ingest import Ingestor
+from service.jobs import JobStore
+from service.metrics import Metrics
+from service.registry import CollectionRegistry, OpenCollection
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PROBE_TEXT = "tandem readiness probe"
+
+
+class Runtime:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.registry = CollectionRegistry(settings.data_dir)
+        self.encoders: dict[str, TextEncoder] = {}
+        self.batcher: MicroBatcher[str, np.ndarray] | None = None
+        self.jobs: JobStore | None = None
+        self.ingestor: Ingestor | None = None
+        self.ready = False
+        self.stopping = False
+        self.startup_error: str | None = None
+        cpus = os.cpu_count() or 1
+        # faiss runs one thread per search by design; as many searches as cores run at once.
+        self._search_pool = ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="search")
+        # Bulk encoding (batch searches, text upserts, ingestion) shares one thread: the
+        # micro-batcher has its own, and two concurrent encoder calls already fill two cores.
+        self._bulk_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-encode")
+        self._searches_waiting = 0
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            names = await run_in_threadpool(self.registry.open_all)
+            for name in names:
+                self.metrics.set_points(name, self.registry.get(name).collection.count())
+            self.jobs = await run_in_threadpool(JobStore.open, self.settings.data_dir / "jobs.sqlite")
+            self.ingestor = Ingestor(self)
+            await run_in_threadpool(self.ingestor.clean_spool)
+            if self.settings.model_dir is not None:
+                encoder = await run_in_threadpool(
+                    TextEncoder.load, self.settings.model_dir, threads=self.settings.encoder_threads
+                )
+                probe = await run_in_threadpool(encoder.encode, [PROBE_TEXT])
+                if probe.shape != (1, encoder.dim) or not np.isfinite(probe).all():
+                    raise RuntimeError(f"encoder {encoder.name} answered the probe with {probe.shape}")
+                self.encoders[encoder.name] = encoder
+                self.batcher = MicroBatcher(
+                    self._encode_queries,
+                    max_batch=self.settings.encode_batch_size,
+                    max_wait_ms=self.settings.batch_wait_ms,
+                    max_queue=self.settings.search_queue_size,
+                    name="query-encoder",
+                )
+            self.metrics.watch_queue(self.queue_depth)
+            self.ready = True
+            self.metrics.ready.set(1)
+            logger.info(
+                "ready in %.2f s: %d collections, encoders %s",
+                time.perf_counter() - t0, len(names), sorted(self.encoders),
+            )
+        except Exception as exc:
+            self.startup_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("start-up failed; /readyz stays 503 until this is fixed and the server restarted")
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.stopping = True
+        self.metrics.ready.set(0)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self.ingestor is not None:
+            await self.ingestor.stop()
+        if self.batcher is not None:
+            await self.batcher.close()
+        self._search_pool.shutdown(wait=True)
+        self._bulk_pool.shutdown(wait=True)
+        await run_in_threadpool(self.registry.close_all)
+        if self.jobs is not None:
+            self.jobs.close()
+        logger.info("stopped")
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            if self.startup_error:
+                raise NotReady(f"start-up failed: {self.startup_error}")
+            raise NotReady("shutting down" if self.stopping else "starting: collections or encoder still loading")
+
+    def spawn(self, work: Coroutine[Any, Any, Any], *, what: str) -> None:
+        """Run `work` after the response (wait=false); failures are logged, shutdown waits for it."""
+
+        async def logged() -> None:
+            try:
+                await work
+            except Exception:
+                logger.exception("background %s failed", what)
+
+        task = asyncio.get_running_loop().create_task(logged())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def queue_depth(self) -> float:
+        return (self.batcher.queue_depth if self.batcher is not None else 0) + self._searches_waiting
+
+    # -- encoders ---------------------------------------------------------------------------
+    def check_encoder(self, name: str | None, dim: int | None) -> int:
+        """The dim of a new collection using encoder `name` (None: vectors only)."""
+        if name is None:
+            if dim is None:
+                raise Unprocessable("give 'dim' (or an 'encoder' whose dimension is used)")
+            return dim
+        encoder = self.encoders.get(name)
+        if encoder is None:
+            loaded = ", ".join(sorted(self.encoders)) or "none (started with --encoder '')"
+            raise Unprocessable(f"encoder {name!r} is not loaded by this server; loaded: {loaded}")
+        if dim is not None and dim != encoder.dim:
+            raise Unprocessable(f"dim {dim} differs from encoder {name!r}'s dimension {encoder.dim}: omit 'dim'")
+        return encoder.dim
+
+    def encoder_of(self, opened: OpenCollection) -> TextEncoder:
+        if opened.encoder is None:
+            raise Unprocessable(
+                f"collection {opened.name!r} has no encoder: send 'vector' instead of 'text', "
+                "or create a collection with an 'encoder'"
+            )
+        encoder = self.encoders.get(opened.encoder)
+        if encoder is None:
+            raise EncoderUnavailable(f"encoder {opened.encoder!r} of collection {opened.name!r} is not loaded")
+        return encoder
+
+    def _encode_queries(self, texts: list[str]) -> list[np.ndarray]:
+        encoder = next(iter(self.encoders.values()))
+        self.metrics.encode_batch.observe(len(texts))
+        return list(encoder.encode(texts, batch_size=len(texts)))
+
+    async def encode_query(self, opened: OpenCollection, text: str) -> np.ndarray:
+        encoder = self.encoder_of(opened)
+        if self.batcher is None or encoder is not next(iter(self.encoders.values())):
+            vectors = await self.encode_bulk(encoder, [text])
+            return np.asarray(vectors[0])
+        return await self.batcher.submit(text)
+
+    async def encode_bulk(self, encoder: TextEncoder, texts: Sequence[str]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._bulk_pool, lambda: encoder.encode(texts, batch_size=64))
+
+    # -- search -----------------------------------------------------------------------------
+    async def _search(self, opened: OpenCollection, queries: np.ndarray, req: schemas.SearchRequest) -> SearchResult:
+        if self._searches_waiting >= self.settings.search_queue_size:
+            raise Overloaded(f"{self._searches_waiting} searches already waiting; retry later")
+        self._searches_waiting += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._search_pool,
+                lambda: opened.guarded(
+                    opened.collection.search_detailed, queries, req.k, oversampling=req.oversampling,
+                    filter=req.filter, exact=req.exact, with_payload=req.with_payload,
+                ),
+            )
+        finally:
+            self._searches_waiting -= 1
+
+    async def search(self, opened: OpenCollection, req: schemas.SearchRequest) -> schemas.SearchResponse:
+        t0 = time.perf_counter()
+        encode_s = None
+        if req.text is not None:
+            query = await self.encode_query(opened, req.text)
+            encode_s = time.perf_counter() - t0
+        else:
+            query = _vector(req.vector, opened, "vector")
+        result = await self._search(opened, query[None, :], req)
+        self.metrics.observe_stages(encode_s, result.coarse_s, result.rerank_s, result.candidates)
+        return _response(result.hits[0], t0, encode_s or 0.0, result.coarse_s, result.rerank_s)
+
+    async def search_batch(
+        self, opened: OpenCollection, reqs: list[schemas.SearchRequest]
+    ) -> list[schemas.SearchResponse]:
+        if len(reqs) > self.settings.max_batch_searches:
+            raise BatchTooLarge(
+                f"{len(reqs)} searches in one batch; the limit is {self.settings.max_batch_searches} "
+                "(--max-batch-searches): split the batch"
+            )
+        t0 = time.perf_counter()
+        queries = np.empty((len(reqs), opened.collection.config.dim), dtype=np.float32)
+        text_rows = [i for i, r in enumerate(reqs) if r.text is not None]
+        for i, r in enumerate(reqs):
+            if r.vector is not None:
+                queries[i] = _vector(r.vector, opened, f"searches[{i}].vector")
+        encode_s = 0.0
+        if text_rows:
+            encoder = self.encoder_of(opened)
+            queries[text_rows] = await self.encode_bulk(encoder, [reqs[i].text or "" for i in text_rows])
+            encode_s = time.perf_counter() - t0
+        # One library call per distinct set of parameters: the coarse stage and the disk reads
+        # are shared by all queries of a group.
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(reqs):
+            key = json.dumps([r.k, r.oversampling, r.exact, r.filter, r.with_payload], sort_keys=True)
+            groups.setdefault(key, []).append(i)
+        out: list[schemas.SearchResponse | None] = [None] * len(reqs)
+        for rows in groups.values():
+            result = await self._search(opened, queries[rows], reqs[rows[0]])
+            n = len(rows)
+            for j, i in enumerate(rows):
+                self.metrics.observe_stages(
+                    encode_s / len(reqs) if reqs[i].text is not None else None,
+                    result.coarse_s / n, result.rerank_s / n, result.candidates,
+                )
+                out[i] = _response(result.hits[j], t0, encode_s / len(reqs), result.coarse_s / n, result.rerank_s / n)
+        return [r for r in out if r is not None]
+
+    # -- writes -----------------------------------------------------------------------------
+    async def upsert(self, opened: OpenCollection, points: list[schemas.PointIn]) -> int:
+        limit = self.settings.max_batch_points
+        if len(points) > limit:
+            raise BatchTooLarge(
+                f"{len(points)} points in one request; the limit is {limit} (--max-batch-points): "
+                "split the batch, or stream it to POST /collections/{name}/ingest"
+            )
+        ids, vectors, payloads = await self.prepare_points(opened, points)
+        n = await run_in_threadpool(opened.guarded, opened.collection.upsert, ids, vectors, payloads)
+        self.metrics.upserted_points.inc(n)
+        self.metrics.set_points(opened.name, opened.collection.count())
+        return n
+
+    async def prepare_points(
+        self, opened: OpenCollection, points: list[schemas.PointIn]
+    ) -> tuple[list[Any], np.ndarray, list[dict[str, Any] | None]]:
+        """ids, (n, dim) float32 vectors (texts encoded), payloads."""
+        if any(p.vectors is not None for p in points):
+            raise Unprocessable("'vectors' (a vector set) is for multi-vector collections, which are not available yet")
+        dim = opened.collection.config.dim
+        vectors = np.empty((len(points), dim), dtype=np.float32)
+        text_rows: list[int] = []
+        for i, p in enumerate(points):
+            if p.vector is not None:
+                vectors[i] = _vector(p.vector, opened, f"points[{i}].vector")
+            else:
+                text_rows.append(i)
+        if text_rows:
+            encoder = self.encoder_of(opened)
+            vectors[text_rows] = await self.encode_bulk(encoder, [points[i].text or "" for i in text_rows])
+        return [p.id for p in points], vectors, [p.payload for p in points]
+
+    async def delete(self, opened: OpenCollection, ids: list[Any]) -> int:
+        n = await run_in_threadpool(opened.guarded, opened.collection.delete, ids)
+        self.metrics.set_points(opened.name, opened.collection.count())
+        return n
+
+
+def _vector(values: schemas.Vector | None, opened: OpenCollection, where: str) -> np.ndarray:
+    dim = opened.collection.config.dim
+    array = schemas.vector_array(values if values is not None else [])
+    if array.shape != (dim,):
+        raise DimensionMismatch(
+            f"{where} has {array.size} numbers, but collection {opened.name!r} has dim {dim}"
+        )
+    return array
+
+
+def _response(
+    hits: Sequence[Any], t0: float, encode_s: float, coarse_s: float, rerank_s: float
+) -> schemas.SearchResponse:
+    return schemas.SearchResponse(
+        hits=[schemas.Hit(id=h.id, score=h.score, payload=h.payload) for h in hits],
+        took_ms=(time.perf_counter() - t0) * 1000,
+        stages_ms=schemas.StagesMs(encode=encode_s * 1000, coarse=coarse_s * 1000, rerank=rerank_s * 1000),
+    )
