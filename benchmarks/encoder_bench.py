@@ -146,10 +146,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             enc = TextEncoder.load(args.model_dir, threads=threads, quantized=quantized)
             row: dict[str, Any] = {"provider": enc.provider}
-            row["one_query"] = latency_ms(lambda q: enc.encode([q]), texts["queries"], args.runs)
+            row["one_query"] = latency_ms(lambda q, enc=enc: enc.encode([q]), texts["queries"], args.runs)
             for name in ("scifact", "glosses"):
                 row[name] = docs_per_s(
-                    lambda t: enc.encode(t, batch_size=args.batch_size), texts[name]
+                    lambda t, enc=enc: enc.encode(t, batch_size=args.batch_size), texts[name]
                 )
             results[backend][str(threads)] = row
             print(f"{backend} threads={threads}: {json.dumps(row)}", file=sys.stderr)

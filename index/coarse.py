@@ -360,7 +360,7 @@ class PQCoarse:
         index.train(sample)
         for _, block in scan():
             index.add(block)
-        index.nprobe = max(16, nlist // 8)
+        index.nprobe = max(16, nlist // 4)
         self.index = index
 
     def candidates(
@@ -393,7 +393,7 @@ class PQCoarse:
             self.index, self._pending = None, 0
             return
         self.index = faiss.read_index(str(directory / state["file"]))
-        self.index.nprobe = max(16, self.index.nlist // 8)
+        self.index.nprobe = max(16, self.index.nlist // 4)
 
 
 def make_coarse(config: CollectionConfig, dim: int) -> BinaryCoarse | PQCoarse | None:

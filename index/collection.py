@@ -162,9 +162,10 @@ class Collection:
             catalog.close()
             raise
 
-    def close(self) -> None:
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Save the coarse stage (unless ``checkpoint=False``: it is about to be deleted) and close."""
         with self._lock.write():
-            if self._coarse is not None and self._coarse.rows != self._saved_rows:
+            if checkpoint and self._coarse is not None and self._coarse.rows != self._saved_rows:
                 self._save_coarse()
             self._dense.close()
             if self._tokens is not None:
@@ -547,7 +548,7 @@ class Collection:
 
     def drop(self) -> None:
         """Close the collection and delete its directory."""
-        self.close()
+        self.close(checkpoint=False)
         shutil.rmtree(self.path)
 
 

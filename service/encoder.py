@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
@@ -132,7 +133,7 @@ class TextEncoder:
     def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
         """Embed texts: (n, dim) float32, each row L2-normalised (mean pooling over tokens)."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for idx, ids, mask, hidden in self._run_sorted(texts, batch_size):
+        for idx, _ids, mask, hidden in self._run_sorted(texts, batch_size):
             m = mask[:, :, None].astype(np.float32)
             summed = (hidden * m).sum(axis=1)
             pooled = summed / np.maximum(m.sum(axis=1), 1e-9)

@@ -149,13 +149,16 @@ class Ingestor:
         entries = list(chunk.values())
         chunk.clear()
         config = opened.collection.config
+        if config.multivector is not None:
+            self._commit_sets(job, opened, entries)
+            return
         vectors = np.zeros((len(entries), config.dim), dtype=np.float32)
         good = np.ones(len(entries), dtype=bool)
         text_rows: list[int] = []
         for i, (number, p) in enumerate(entries):
             if p.vectors is not None:
                 good[i] = False
-                self._fail(job, number, "'vectors' (a vector set) is for multi-vector collections, not available yet")
+                self._fail(job, number, "'vectors' (a vector set) is for multi-vector collections; send 'vector'")
             elif p.text is not None:
                 text_rows.append(i)
             elif p.vector is not None:
@@ -207,6 +210,50 @@ class Ingestor:
         metrics = self.runtime.metrics
         metrics.ingested_points.inc(committed)
         metrics.set_points(opened.name, opened.collection.count())
+        self.runtime.jobs.save(job)  # type: ignore[union-attr]  # set before jobs run
+
+    def _commit_sets(self, job: Job, opened: OpenCollection, entries: list[tuple[int, PointIn]]) -> None:
+        """A chunk of a multi-vector collection: each point a vector set, or text turned into one."""
+        from service.runtime import text_vector_sets
+
+        sets: list[Any] = []
+        kept: list[tuple[int, PointIn]] = []
+        texts: list[int] = []
+        for number, p in entries:
+            if p.vector is not None:
+                self._fail(job, number, "multi-vector collection: send 'vectors' (a set) or 'text', not 'vector'")
+                continue
+            if p.text is not None:
+                texts.append(len(kept))
+            kept.append((number, p))
+            sets.append(p.vectors)
+        if texts:
+            try:
+                encoder = self.runtime.encoder_of(opened)
+            except Exception as exc:
+                for i in texts:
+                    self._fail(job, kept[i][0], str(exc))
+                    sets[i] = None
+            else:
+                encoded = text_vector_sets(encoder, [kept[i][1].text or "" for i in texts])
+                for i, one in zip(texts, encoded, strict=True):
+                    sets[i] = one
+        pairs = [(k, s) for k, s in zip(kept, sets, strict=True) if s is not None]
+        committed = 0
+        if pairs:
+            try:
+                committed = opened.collection.upsert(
+                    [k[1].id for k, _ in pairs], [s for _, s in pairs], [k[1].payload for k, _ in pairs]
+                )
+            except InvalidInput:
+                for (number, p), one in pairs:  # find the culprits: one point at a time
+                    try:
+                        committed += opened.collection.upsert([p.id], [one], [p.payload])
+                    except InvalidInput as exc:
+                        self._fail(job, number, str(exc))
+        job.points_committed += committed
+        self.runtime.metrics.ingested_points.inc(committed)
+        self.runtime.metrics.set_points(opened.name, opened.collection.count())
         self.runtime.jobs.save(job)  # type: ignore[union-attr]  # set before jobs run
 
     def _fail(self, job: Job, number: int, message: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from index import Collection, CollectionConfig
 from index.errors import CollectionNotFound
-from service.errors import BadRequest, ConfigConflict, Unprocessable
+from service.errors import BadRequest, ConfigConflict
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +46,6 @@ def check_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
-
-
-def multivector_available() -> bool:
-    """The one place that decides whether multi-vector collections can be created.
-
-    Flip to the library's multi-vector class once ``index/multivector.py`` lands; the rest of
-    the service already passes ``CollectionConfig(multivector=...)`` through.
-    """
-    try:
-        import index.multivector  # noqa: F401
-    except ImportError:
-        return False
-    return False  # not wired yet: points with "vectors" need the library's multi-vector API
 
 
 @dataclass
@@ -136,8 +123,6 @@ class CollectionRegistry:
         Raises ConfigConflict when a collection of that name exists with another config.
         """
         check_name(name)
-        if config.multivector is not None and not multivector_available():
-            raise Unprocessable("multi-vector collections are not available yet: omit 'multivector'")
         with self._lock:
             existing = self._open.get(name)
             if existing is not None:
@@ -165,10 +150,12 @@ class CollectionRegistry:
             opened = self._open.pop(name, None)
             if opened is None:
                 raise CollectionNotFound(f"no collection named {name!r}")
-            trash = self.root / f".{name}.dropping-{uuid.uuid4().hex[:8]}"
-            os.rename(self.root / name, trash)
             opened.dropped = True
-        opened.collection.close()  # waits for in-flight searches (the collection's write lock)
+        # Close first (it waits for in-flight searches: the collection's write lock), then
+        # rename: a crash in between leaves the collection whole, as if never dropped.
+        opened.collection.close(checkpoint=False)
+        trash = self.root / f".{name}.dropping-{uuid.uuid4().hex[:8]}"
+        os.rename(self.root / name, trash)
         shutil.rmtree(trash, ignore_errors=True)
         logger.info("dropped collection %s", name)
 

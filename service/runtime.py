@@ -175,7 +175,7 @@ class Runtime:
         return await loop.run_in_executor(self._bulk_pool, lambda: encoder.encode(texts, batch_size=64))
 
     # -- search -----------------------------------------------------------------------------
-    async def _search(self, opened: OpenCollection, queries: np.ndarray, req: schemas.SearchRequest) -> SearchResult:
+    async def _search(self, opened: OpenCollection, queries: Any, req: schemas.SearchRequest) -> SearchResult:
         if self._searches_waiting >= self.settings.search_queue_size:
             raise Overloaded(f"{self._searches_waiting} searches already waiting; retry later")
         self._searches_waiting += 1
@@ -194,12 +194,15 @@ class Runtime:
     async def search(self, opened: OpenCollection, req: schemas.SearchRequest) -> schemas.SearchResponse:
         t0 = time.perf_counter()
         encode_s = None
-        if req.text is not None:
-            query = await self.encode_query(opened, req.text)
+        if opened.collection.config.multivector is not None:
+            queries: Any = [await self._query_set(opened, req, "")]
+            encode_s = time.perf_counter() - t0 if req.text is not None else None
+        elif req.text is not None:
+            queries = (await self.encode_query(opened, req.text))[None, :]
             encode_s = time.perf_counter() - t0
         else:
-            query = _vector(req.vector, opened, "vector")
-        result = await self._search(opened, query[None, :], req)
+            queries = _vector(req.vector, opened, "vector")[None, :]
+        result = await self._search(opened, queries, req)
         self.metrics.observe_stages(encode_s, result.coarse_s, result.rerank_s, result.candidates)
         return _response(result.hits[0], t0, encode_s or 0.0, result.coarse_s, result.rerank_s)
 
@@ -212,8 +215,15 @@ class Runtime:
                 "(--max-batch-searches): split the batch"
             )
         t0 = time.perf_counter()
+        if opened.collection.config.multivector is not None:
+            return [await self.search(opened, r) for r in reqs]
         queries = np.empty((len(reqs), opened.collection.config.dim), dtype=np.float32)
         text_rows = [i for i, r in enumerate(reqs) if r.text is not None]
+        for i, r in enumerate(reqs):
+            if r.vectors is not None:
+                raise Unprocessable(
+                    f"searches[{i}]: 'vectors' (a query vector set) is for multi-vector collections; send 'vector'"
+                )
         for i, r in enumerate(reqs):
             if r.vector is not None:
                 queries[i] = _vector(r.vector, opened, f"searches[{i}].vector")
@@ -256,10 +266,17 @@ class Runtime:
 
     async def prepare_points(
         self, opened: OpenCollection, points: list[schemas.PointIn]
-    ) -> tuple[list[Any], np.ndarray, list[dict[str, Any] | None]]:
-        """ids, (n, dim) float32 vectors (texts encoded), payloads."""
-        if any(p.vectors is not None for p in points):
-            raise Unprocessable("'vectors' (a vector set) is for multi-vector collections, which are not available yet")
+    ) -> tuple[list[Any], Any, list[dict[str, Any] | None]]:
+        """ids, vectors (texts encoded), payloads. Vectors: ``(n, dim) float32``, or for a
+        multi-vector collection a list of n ``(m_i, dim)`` sets (the library validates them)."""
+        if opened.collection.config.multivector is not None:
+            return [p.id for p in points], await self._point_sets(opened, points), [p.payload for p in points]
+        for i, p in enumerate(points):
+            if p.vectors is not None:
+                raise Unprocessable(
+                    f"points[{i}]: 'vectors' (a vector set) is for multi-vector collections; "
+                    f"collection {opened.name!r} takes one 'vector' per point"
+                )
         dim = opened.collection.config.dim
         vectors = np.empty((len(points), dim), dtype=np.float32)
         text_rows: list[int] = []
@@ -273,10 +290,52 @@ class Runtime:
             vectors[text_rows] = await self.encode_bulk(encoder, [points[i].text or "" for i in text_rows])
         return [p.id for p in points], vectors, [p.payload for p in points]
 
+    async def _point_sets(self, opened: OpenCollection, points: list[schemas.PointIn]) -> list[Any]:
+        sets: list[Any] = [None] * len(points)
+        text_rows: list[int] = []
+        for i, p in enumerate(points):
+            if p.vector is not None:
+                raise Unprocessable(
+                    f"points[{i}]: collection {opened.name!r} is multi-vector: send 'vectors' (a set) or 'text'"
+                )
+            if p.vectors is not None:
+                sets[i] = p.vectors
+            else:
+                text_rows.append(i)
+        if text_rows:
+            encoder = self.encoder_of(opened)
+            texts = [points[i].text or "" for i in text_rows]
+            loop = asyncio.get_running_loop()
+            encoded = await loop.run_in_executor(self._bulk_pool, lambda: text_vector_sets(encoder, texts))
+            for i, one in zip(text_rows, encoded, strict=True):
+                sets[i] = one
+        return sets
+
+    async def _query_set(self, opened: OpenCollection, req: schemas.SearchRequest, where: str) -> Any:
+        if req.vector is not None:
+            raise Unprocessable(
+                f"{where}collection {opened.name!r} is multi-vector: search with 'vectors' (a set) or 'text'"
+            )
+        if req.vectors is not None:
+            return req.vectors
+        encoder = self.encoder_of(opened)
+        loop = asyncio.get_running_loop()
+        text = req.text or ""
+        return (await loop.run_in_executor(self._bulk_pool, lambda: text_vector_sets(encoder, [text])))[0]
+
     async def delete(self, opened: OpenCollection, ids: list[Any]) -> int:
         n = await run_in_threadpool(opened.guarded, opened.collection.delete, ids)
         self.metrics.set_points(opened.name, opened.collection.count())
         return n
+
+
+def text_vector_sets(encoder: TextEncoder, texts: Sequence[str]) -> list[np.ndarray]:
+    """The vector set of each text in a multi-vector collection: its token embeddings.
+
+    Token-level (ColBERT-style) sets, chosen by measurement on SciFact
+    (benchmarks/multivector_bench.py, README "Multi-vector"); each token vector L2-normalised.
+    """
+    return encoder.encode_tokens(list(texts))
 
 
 def _vector(values: schemas.Vector | None, opened: OpenCollection, where: str) -> np.ndarray:

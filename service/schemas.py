@@ -143,15 +143,19 @@ class DeleteResult(BaseModel):
 class PointOut(BaseModel):
     id: PointId
     vector: list[float] | None = Field(None, description="as stored (normalised under cosine)")
+    vectors: list[list[float]] | None = Field(None, description="multi-vector collections: the stored set")
     payload: dict[str, Any] | None
 
 
 # -- search -------------------------------------------------------------------------------------
 class SearchRequest(_Body):
-    """One search: exactly one of `text` and `vector`."""
+    """One search: exactly one of `text`, `vector` (or `vectors` for multi-vector collections)."""
 
     text: str | None = Field(None, description="encoded by the collection's encoder")
     vector: Vector | None = Field(None, description=_VECTOR_DOC)
+    vectors: list[list[float]] | None = Field(
+        None, description="(m, dim) query vector set: multi-vector collections only (scored by MaxSim)"
+    )
     k: int = Field(10, ge=1, le=10_000)
     oversampling: float | None = Field(None, gt=0, le=1000, description="null: the collection's")
     exact: bool = Field(False, description="brute force over every stored vector")
@@ -160,8 +164,9 @@ class SearchRequest(_Body):
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:
-        if (self.text is None) == (self.vector is None):
-            raise ValueError("give exactly one of 'text' and 'vector'")
+        given = [k for k in ("text", "vector", "vectors") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'text', 'vector' or 'vectors' (got {given or 'none'})")
         return self
 
 

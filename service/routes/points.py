@@ -104,9 +104,10 @@ async def get_point(
     point = await run_in_threadpool(opened.guarded, opened.collection.get, key)
     if point is None:
         raise NotFound(f"no point with id {key!r} in collection {opened.name!r}")
-    return PointOut(
-        id=point.id, vector=point.vector.tolist() if with_vector else None, payload=point.payload
-    )
+    stored = point.vector.tolist() if with_vector else None
+    if opened.collection.config.multivector is not None:
+        return PointOut(id=point.id, vectors=stored, payload=point.payload)
+    return PointOut(id=point.id, vector=stored, payload=point.payload)
 
 
 def parse_id(segment: str, id_type: str) -> int | str:
