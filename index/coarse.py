@@ -174,7 +174,7 @@ class BinaryCoarse:
         for i in range(len(queries)):
             rows = self._shortlist(queries[i : i + 1], qcodes[i : i + 1], width, allowed)
             if width > n and len(rows) > n:
-                bits = np.unpackbits(self._buffer[rows], axis=1, count=self.dim).astype(np.float32)
+                bits = np.unpackbits(np.take(self._buffer, rows, axis=0), axis=1, count=self.dim).astype(np.float32)
                 # <q, 2b - 1> = 2 <q, b> - sum(q): one matrix-vector product over 0/1 bits. einsum,
                 # not BLAS: OpenBLAS threads a product this small and, beside faiss's OpenMP
                 # threads on 2 cores, took 9 ms instead of 0.2 ms.
@@ -207,7 +207,9 @@ class BinaryCoarse:
         else:
             if len(rows) == 0:
                 return rows
-            _, local = faiss.knn_hamming(qcode, self._buffer[rows], min(width, len(rows)), variant=variant)
+            # np.take, not fancy indexing: 1.4 ms instead of 14 ms for 121k rows of 48 bytes.
+            subset = np.take(self._buffer, rows, axis=0)
+            _, local = faiss.knn_hamming(qcode, subset, min(width, len(rows)), variant=variant)
             found = rows[local[0]]
         result: np.ndarray = found[found >= 0]
         return result
@@ -296,7 +298,7 @@ class _BinaryIVF:
         _, lists = self.quantizer.search(np.ascontiguousarray(query, dtype=np.float32), min(nprobe, self.nlist))
         parts = [self.order[self.offsets[b] : self.offsets[b + 1]] for b in lists[0].tolist() if b >= 0]
         parts.append(np.arange(self._sorted_rows, len(self.assign), dtype=np.int32))
-        return np.sort(np.concatenate(parts)).astype(np.int64)  # ascending: a friendlier gather
+        return np.concatenate(parts).astype(np.int64)
 
     def ram_bytes(self) -> int:
         return int(self.centroids.nbytes + self.assign.nbytes + self.order.nbytes + self.offsets.nbytes)

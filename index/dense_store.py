@@ -94,7 +94,7 @@ class DenseStore:
         if self.prefetch and _WILLNEED is not None and len(rows) > 1:
             for offset in (ascending * self.row_bytes).tolist():
                 os.posix_fadvise(self._fd, offset, self.row_bytes, _WILLNEED)
-        gathered = np.asarray(self._map[ascending], dtype=np.float32)
+        gathered = np.take(self._map, ascending, axis=0).astype(np.float32, copy=False)
         out = np.empty_like(gathered)
         out[order] = gathered
         return out
