@@ -33,7 +33,13 @@ class CoarseStage(Protocol):
 
     def add(self, vectors: np.ndarray) -> None: ...
     def candidates(
-        self, queries: np.ndarray, n: int, *, shortlist: int, allowed: np.ndarray | None
+        self,
+        queries: np.ndarray,
+        n: int,
+        *,
+        shortlist: int,
+        allowed: np.ndarray | None,
+        code_queries: np.ndarray | None = None,
     ) -> np.ndarray: ...
     def ram_bytes(self) -> int: ...
     def needs_rebuild(self) -> bool: ...
@@ -159,15 +165,23 @@ class BinaryCoarse:
             self.nprobe = self._ivf.default_nprobe
 
     def candidates(
-        self, queries: np.ndarray, n: int, *, shortlist: int, allowed: np.ndarray | None
+        self,
+        queries: np.ndarray,
+        n: int,
+        *,
+        shortlist: int,
+        allowed: np.ndarray | None,
+        code_queries: np.ndarray | None = None,
     ) -> np.ndarray:
         """Best ``n`` rows per query, ``(q, n) int64`` padded with -1.
 
         A Hamming shortlist of ``shortlist`` rows is rescored asymmetrically in RAM:
         ``<q', b>`` with ``b`` in {-1, +1}^dim, ``q'`` the transformed float query.
+        ``code_queries``: what to take the query's sign bits from, when not the query itself
+        (a query FDE is sparse; its document-style FDE is dense like the codes it is compared to).
         """
         projected = self._project(queries)
-        qcodes = np.packbits(projected > 0, axis=1)
+        qcodes = self.encode(code_queries if code_queries is not None else queries)
         width = max(n, shortlist)
         faiss.omp_set_num_threads(1)
         out = np.full((len(queries), n), -1, dtype=np.int64)
@@ -366,7 +380,13 @@ class PQCoarse:
         self.index = index
 
     def candidates(
-        self, queries: np.ndarray, n: int, *, shortlist: int, allowed: np.ndarray | None
+        self,
+        queries: np.ndarray,
+        n: int,
+        *,
+        shortlist: int,
+        allowed: np.ndarray | None,
+        code_queries: np.ndarray | None = None,
     ) -> np.ndarray:
         selector, _keep = _selector(allowed)
         params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)
@@ -400,7 +420,7 @@ class PQCoarse:
 
 def make_coarse(config: CollectionConfig, dim: int) -> BinaryCoarse | PQCoarse | None:
     if config.coarse == "binary":
-        return BinaryCoarse(dim, config.binary_transform)
+        return BinaryCoarse(dim, config.effective_binary_transform)
     if config.coarse == "pq":
         return PQCoarse(dim)
     return None

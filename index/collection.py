@@ -341,6 +341,7 @@ class Collection:
     ) -> SearchResult:
         """``search`` with the time spent in each stage and the number of rows reranked."""
         query_sets: list[np.ndarray] | None = None
+        code_queries: np.ndarray | None = None
         if self._fde is not None:
             assert self.config.multivector is not None  # noqa: S101 - implied by _fde; for mypy
             if isinstance(queries, np.ndarray) and queries.ndim == 2:
@@ -350,6 +351,7 @@ class Collection:
                 max_vectors=self.config.multivector.max_vectors, what="queries",
             )
             q = self._fde.encode_queries(query_sets)
+            code_queries = self._fde.encode_documents(query_sets)
         else:
             q = check_vectors(queries, dim=self.config.dim, normalize=self._normalize, what="queries")
         k = check_k(k)
@@ -373,7 +375,9 @@ class Collection:
             else:
                 assert coarse is not None  # noqa: S101 - checked by `usable`; for mypy
                 shortlist = math.ceil(n_rerank * self.config.shortlist_factor)
-                candidate_rows = coarse.candidates(q, n_rerank, shortlist=shortlist, allowed=allowed)
+                candidate_rows = coarse.candidates(
+                    q, n_rerank, shortlist=shortlist, allowed=allowed, code_queries=code_queries
+                )
                 t1 = time.perf_counter()
                 rows, scores = (
                     self._rerank(q, candidate_rows, k)

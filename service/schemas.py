@@ -61,7 +61,7 @@ class CollectionCreate(_Body):
     oversampling: float | None = Field(
         None, gt=0, le=1000, description="rows reranked from disk = k x oversampling; null: the default"
     )
-    binary_transform: BinaryTransform = "center"
+    binary_transform: BinaryTransform | None = None
     shortlist_factor: float = Field(4.0, ge=1, le=64)
     encoder: str | None = Field(
         None, description="model that turns `text` into vectors (e.g. 'minilm'); null: vectors only"
