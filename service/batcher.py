@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class MicroBatcher(Generic[T, R]):
             await asyncio.shield(self._task)
             return
         self._closing = True
-        self._queue.put_nowait(_STOP)  # type: ignore[arg-type]  # sentinel wakes the loop
+        self._queue.put_nowait(_STOP)  # sentinel wakes the loop
         try:
             await self._task
         finally:
@@ -165,7 +165,7 @@ class MicroBatcher(Generic[T, R]):
                 p.future.set_result(r)
 
 
-_STOP: _Pending = object()  # type: ignore[assignment]
+_STOP: _Pending[Any, Any] = object()  # type: ignore[assignment]  # a sentinel, never a real item
 
 
 __all__ = ["BatcherClosed", "MicroBatcher", "Overloaded"]

@@ -104,10 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
         run_export(args.models_dir, args.name)
         return 0
-    from service.evaluate import print_table, run_eval_cli
+    from service.evaluate import run_eval_cli
 
-    rows = run_eval_cli(args.dataset, args.models_dir, model=args.model, threads=args.threads)
-    print_table(rows, title=str(args.dataset))
+    run_eval_cli(args.dataset, args.models_dir, model=args.model, threads=args.threads)  # prints its table
     return 0
 
 

@@ -213,7 +213,8 @@ class TextEncoder:
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    out: np.ndarray = (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    return out
 
 
 def _model_max_length(model_dir: Path) -> int | None:

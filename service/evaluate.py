@@ -125,7 +125,7 @@ def embed_corpus(
 ) -> np.ndarray:
     """(n, dim) float32 embeddings of `texts`, read from / written to `cache_file` if given."""
     if cache_file is not None and cache_file.is_file():
-        vectors = np.load(cache_file)
+        vectors: np.ndarray = np.load(cache_file)
         if vectors.shape == (len(texts), encoder.dim):
             logger.info("corpus embeddings read from %s", cache_file)
             return vectors

@@ -115,7 +115,7 @@ def export_model(
             # Known and harmless here: the TorchScript exporter's deprecation notice, and a
             # tracer warning on a shape comparison in transformers' mask code (both sides of
             # it are the same symbolic length, so the traced branch is always the right one).
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]  # exported at runtime
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
             torch.onnx.export(

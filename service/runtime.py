@@ -69,7 +69,8 @@ class Runtime:
             await run_in_threadpool(self.ingestor.clean_spool)
             if self.settings.model_dir is not None:
                 encoder = await run_in_threadpool(
-                    TextEncoder.load, self.settings.model_dir, threads=self.settings.encoder_threads
+                    TextEncoder.load, self.settings.model_dir, threads=self.settings.encoder_threads,
+                    quantized=self.settings.encoder_int8,
                 )
                 probe = await run_in_threadpool(encoder.encode, [PROBE_TEXT])
                 if probe.shape != (1, encoder.dim) or not np.isfinite(probe).all():

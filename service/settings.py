@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     encoder_threads: int | None = Field(
         None, ge=1, le=256, description="onnxruntime threads per encoder call (default: one per core)"
     )
+    encoder_int8: bool = Field(
+        False,
+        description="run the int8 model (feed-forward MatMuls quantized; SciFact nDCG@10 0.6449 vs "
+        "0.6451 in float32, about 2x faster on CPU); written by export-model as model.int8.onnx",
+    )
     # -- security ----------------------------------------------------------------------------
     api_key: SecretStr | None = Field(
         None,
