@@ -131,7 +131,7 @@ def run_scale(name: str, base: np.ndarray, queries: np.ndarray, settings: dict[s
             coarse = col._coarse  # noqa: SLF001
             default = coarse.nprobe
             entry["nprobe_sweep"] = {"nlist": coarse._ivf.nlist, "default": default, "runs": []}  # noqa: SLF001
-            for nprobe in sorted({default // 4, default // 2, default, default * 2}):
+            for nprobe in sorted({default // 8, default // 4, default // 2, default}):
                 coarse.nprobe = nprobe
                 run = {"nprobe": nprobe, **measure(col, queries, truth, 16, n_latency)}
                 entry["nprobe_sweep"]["runs"].append(run)

@@ -88,9 +88,10 @@ class BinaryCoarse:
     #: Rows added since the inverted file was last sorted are scanned whole until this many.
     IVF_TAIL_ROWS = 65_536
 
-    def __init__(self, dim: int, transform: str, *, seed: int = 0) -> None:
+    def __init__(self, dim: int, transform: str, *, probe_fraction: float = 0.25, seed: int = 0) -> None:
         self.dim = dim
         self.transform = transform
+        self.probe_fraction = probe_fraction
         self.code_size = (dim + 7) // 8
         self.mean = np.zeros(dim, dtype=np.float32)
         self.fit_rows = 0
@@ -162,7 +163,7 @@ class BinaryCoarse:
         self._ivf = None
         if self._n >= max(self.IVF_ROWS, self.IVF_MIN_ROWS):
             self._ivf = _BinaryIVF.train(scan, self._n, self.dim)
-            self.nprobe = self._ivf.default_nprobe
+            self.nprobe = self._ivf.nprobe_for(self.probe_fraction)
 
     def candidates(
         self,
@@ -255,7 +256,7 @@ class BinaryCoarse:
         self.fit_rows = int(state["fit_rows"])
         self._ivf = ivf
         if ivf is not None:
-            self.nprobe = ivf.default_nprobe
+            self.nprobe = ivf.nprobe_for(self.probe_fraction)
 
 
 class _BinaryIVF:
@@ -272,9 +273,8 @@ class _BinaryIVF:
     def nlist(self) -> int:
         return len(self.centroids)
 
-    @property
-    def default_nprobe(self) -> int:
-        return max(32, self.nlist // 8)
+    def nprobe_for(self, fraction: float) -> int:
+        return min(self.nlist, max(16, math.ceil(self.nlist * fraction)))
 
     @classmethod
     def train(cls, scan: Scan, n: int, dim: int) -> _BinaryIVF:
@@ -331,8 +331,9 @@ class PQCoarse:
 
     TRAIN_ROWS = 10_000
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, *, probe_fraction: float = 0.25) -> None:
         self.dim = dim
+        self.probe_fraction = probe_fraction
         # Stored vectors are normalised for cosine, so inner product serves both metrics.
         self.metric = faiss.METRIC_INNER_PRODUCT
         # 48 one-byte sub-quantizers for 384 dims: 48 + 8 (id) bytes a vector, under the 64-byte budget.
@@ -376,7 +377,7 @@ class PQCoarse:
         index.train(sample)
         for _, block in scan():
             index.add(block)
-        index.nprobe = max(16, nlist // 4)
+        index.nprobe = min(nlist, max(16, math.ceil(nlist * self.probe_fraction)))
         self.index = index
 
     def candidates(
@@ -415,14 +416,15 @@ class PQCoarse:
             self.index, self._pending = None, 0
             return
         self.index = faiss.read_index(str(directory / state["file"]))
-        self.index.nprobe = max(16, self.index.nlist // 4)
+        nlist = self.index.nlist
+        self.index.nprobe = min(nlist, max(16, math.ceil(nlist * self.probe_fraction)))
 
 
 def make_coarse(config: CollectionConfig, dim: int) -> BinaryCoarse | PQCoarse | None:
     if config.coarse == "binary":
-        return BinaryCoarse(dim, config.effective_binary_transform)
+        return BinaryCoarse(dim, config.effective_binary_transform, probe_fraction=config.probe_fraction)
     if config.coarse == "pq":
-        return PQCoarse(dim)
+        return PQCoarse(dim, probe_fraction=config.probe_fraction)
     return None
 
 

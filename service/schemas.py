@@ -62,7 +62,8 @@ class CollectionCreate(_Body):
         None, gt=0, le=1000, description="rows reranked from disk = k x oversampling; null: the default"
     )
     binary_transform: BinaryTransform | None = None
-    shortlist_factor: float = Field(4.0, ge=1, le=64)
+    shortlist_factor: float = Field(4.0, ge=1, le=64, description="Hamming shortlist = factor x rows reranked")
+    probe_fraction: float = Field(0.25, gt=0, le=1, description="share of inverted-file buckets scanned")
     encoder: str | None = Field(
         None, description="model that turns `text` into vectors (e.g. 'minilm'); null: vectors only"
     )
@@ -74,7 +75,8 @@ class CollectionCreate(_Body):
         return CollectionConfig(
             dim=dim, metric=self.metric, coarse=self.coarse, dtype=self.dtype,
             oversampling=self.oversampling, binary_transform=self.binary_transform,
-            shortlist_factor=self.shortlist_factor, multivector=self.multivector,
+            shortlist_factor=self.shortlist_factor, probe_fraction=self.probe_fraction,
+            multivector=self.multivector,
         )
 
 
