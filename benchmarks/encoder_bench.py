@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine()},
-        "model_dir": str(args.model_dir),
+        "model": args.model_dir.name,  # a name, not this machine's path
         "batch_size": args.batch_size,
         "onnxruntime": {},
         "onnxruntime-int8": {},
