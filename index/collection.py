@@ -40,9 +40,10 @@ from index.coarse import PQCoarse
 from index.config import CollectionConfig
 from index.dense_store import DenseStore
 from index.errors import CollectionExists, CollectionNotFound, CorruptIndex
-from index.fde import FDEEncoder, MuveraParams, chamfer
+from index.fde import FDEEncoder, MuveraParams
 from index.filters import Filter
 from index.locks import ReadWriteLock
+from index.vector_sets import VectorSetStore
 
 FORMAT_VERSION = "1"
 CATALOG = "catalog.sqlite"
@@ -91,7 +92,7 @@ class Collection:
         catalog.check(n_rows)
         mv = config.multivector
         # Multi-vector points: the dense store holds each point's FDE (its single-vector proxy),
-        # the token store all their vectors back to back; ``_offsets[r]:_offsets[r+1]`` is row r's.
+        # the vector-set store all their vectors, for the exact Chamfer rerank.
         self._fde = (
             FDEEncoder(config.dim, params=MuveraParams(k_sim=mv.k_sim, d_proj=mv.d_proj, r_reps=mv.r_reps,
                                                        seed=mv.seed, d_final=mv.d_final))
@@ -102,19 +103,15 @@ class Collection:
         self._dense = DenseStore(
             self._vectors_path(self._generation), dim=stored_dim, dtype=config.dtype, n_rows=n_rows
         )
-        self._tokens: DenseStore | None = None
-        self._offsets = np.zeros(1, dtype=np.int64)
+        self._sets: VectorSetStore | None = None
+        self._max_vectors = mv.max_vectors if mv is not None else 0
         if self._fde is not None:
             sizes = catalog.set_sizes()
-            n_tokens = int(catalog.get_meta("n_tokens") or 0)
-            if len(sizes) != n_rows or int(sizes.sum()) != n_tokens:
-                raise CorruptIndex(
-                    f"catalog of {path} records {n_tokens} vectors but its points hold {int(sizes.sum())}: "
-                    "restore the collection from a backup"
-                )
-            self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-            self._tokens = DenseStore(
-                self._tokens_path(self._generation), dim=config.dim, dtype=config.dtype, n_rows=n_tokens
+            if len(sizes) != n_rows:
+                raise CorruptIndex(f"catalog of {path} lists {len(sizes)} points but commits {n_rows} rows")
+            self._sets = VectorSetStore(
+                self._tokens_path(self._generation), dim=config.dim, dtype=config.dtype,
+                sizes=sizes, n_vectors=int(catalog.get_meta("n_tokens") or 0),
             )
         self._live = np.ones(n_rows, dtype=bool)
         self._live[catalog.dead_rows()] = False
@@ -168,8 +165,8 @@ class Collection:
             if checkpoint and self._coarse is not None and self._coarse.rows != self._saved_rows:
                 self._save_coarse()
             self._dense.close()
-            if self._tokens is not None:
-                self._tokens.close()
+            if self._sets is not None:
+                self._sets.close()
             self._catalog.close()
 
     def __enter__(self) -> Collection:
@@ -188,10 +185,8 @@ class Collection:
             batch = PointBatch.build(ids, vectors, payloads, dim=self.config.dim, normalize=self._normalize)
             self._write(batch.ids, batch.vectors, batch.payloads)
             return len(batch.ids)
-        assert self.config.multivector is not None  # noqa: S101 - implied by _fde; for mypy
         sets = VectorSetBatch.build(
-            ids, vectors, payloads, dim=self.config.dim, normalize=self._normalize,
-            max_vectors=self.config.multivector.max_vectors,
+            ids, vectors, payloads, dim=self.config.dim, normalize=self._normalize, max_vectors=self._max_vectors
         )
         self._write(sets.ids, self._fde.encode_documents(sets.sets()), sets.payloads, sets)
         return len(sets.ids)
@@ -202,22 +197,20 @@ class Collection:
         with self._lock.write():
             first = self._dense.append(vectors)
             meta = None
-            if self._tokens is not None and sets is not None:
-                first_token = self._tokens.append(sets.tokens)
-                meta = {"n_tokens": str(first_token + len(sets.tokens))}
+            if self._sets is not None and sets is not None:
+                meta = {"n_tokens": str(self._sets.append(sets.tokens))}
             try:
                 replaced = self._catalog.commit_upsert(
                     keys, payloads, first, set_sizes=None if sets is None else sets.sizes.tolist(), meta=meta
                 )
             except BaseException:
                 self._dense.rollback()
-                if self._tokens is not None:
-                    self._tokens.rollback()
+                if self._sets is not None:
+                    self._sets.rollback()
                 raise
             self._dense.publish(first + len(keys))
-            if self._tokens is not None and sets is not None:
-                self._tokens.publish(first_token + len(sets.tokens))
-                self._offsets = np.concatenate([self._offsets, first_token + np.cumsum(sets.sizes)])
+            if self._sets is not None and sets is not None:
+                self._sets.publish(sets.sizes)
             self._live = np.concatenate([self._live, np.ones(len(keys), dtype=bool)])
             self._mark_dead(replaced)
             if self._coarse is not None:
@@ -248,55 +241,33 @@ class Collection:
             generation = self._generation + 1
             new_path = self._vectors_path(generation)
             new_path.unlink(missing_ok=True)
-            fresh = DenseStore(new_path, dim=self.config.dim, dtype=self.config.dtype, n_rows=0)
+            fresh = DenseStore(new_path, dim=self._dense.dim, dtype=self.config.dtype, n_rows=0)
             for start in range(0, len(keep), 32768):
-                fresh.append(self._dense.read(keep[start : start + 32768]))
-                fresh.publish(fresh.n_rows + len(keep[start : start + 32768]))
+                block = keep[start : start + 32768]
+                fresh.append(self._dense.read(block))
+                fresh.publish(fresh.n_rows + len(block))
             meta = {"generation": str(generation), "n_rows": str(len(keep))}
-            fresh_tokens = None
-            if self._tokens is not None:
-                fresh_tokens, offsets = self._compact_tokens(keep, generation)
-                meta["n_tokens"] = str(fresh_tokens.n_rows)
+            fresh_sets = None
+            if self._sets is not None:
+                fresh_sets = self._sets.compact_into(self._tokens_path(generation), keep)
+                meta["n_tokens"] = str(fresh_sets.n_vectors)
             self._catalog.commit_compaction(meta)
+            # Committed: the new generation is the collection; the old files go.
             old = self._dense
             self._dense, self._generation = fresh, generation
             old.close()
             old.path.unlink(missing_ok=True)
-            if self._tokens is not None and fresh_tokens is not None:
-                self._tokens.close()
-                self._tokens.path.unlink(missing_ok=True)
-                self._tokens, self._offsets = fresh_tokens, offsets
+            if self._sets is not None and fresh_sets is not None:
+                self._sets.close()
+                self._sets.path.unlink(missing_ok=True)
+                self._sets = fresh_sets
             self._live = np.ones(len(keep), dtype=bool)
             self._n_dead = 0
-            if self._coarse is not None:
-                self._coarse = coarse_mod.make_coarse(self.config, self.config.dim)
-                assert self._coarse is not None  # noqa: S101 - same kind as before; for mypy
-                self._coarse.rebuild(self._dense.scan)
+            coarse = coarse_mod.make_coarse(self.config, self._dense.dim)
+            if coarse is not None:
+                coarse.rebuild(self._dense.scan)
+                self._coarse = coarse
                 self._save_coarse()
-
-    def _compact_tokens(self, keep: np.ndarray, generation: int) -> tuple[DenseStore, np.ndarray]:
-        assert self._tokens is not None  # noqa: S101 - multi-vector only; for mypy
-        path = self._tokens_path(generation)
-        path.unlink(missing_ok=True)
-        fresh = DenseStore(path, dim=self.config.dim, dtype=self.config.dtype, n_rows=0)
-        sizes = self._offsets[keep + 1] - self._offsets[keep]
-        for start in range(0, len(keep), 4096):
-            rows = keep[start : start + 4096]
-            tokens = self._tokens.read(self._token_rows(rows))
-            fresh.append(tokens)
-            fresh.publish(fresh.n_rows + len(tokens))
-        return fresh, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-
-    def _token_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Token-store rows of the given points, concatenated in the order given."""
-        starts, ends = self._offsets[rows], self._offsets[rows + 1]
-        sizes = ends - starts
-        if not len(rows):
-            return np.empty(0, dtype=np.int64)
-        # Vectorised ranges: each point's run of token rows, back to back.
-        shift = np.repeat(starts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
-        rows_out: np.ndarray = np.arange(int(sizes.sum()), dtype=np.int64) + shift
-        return rows_out
 
     # -- reads --------------------------------------------------------------------------------
     def count(self) -> int:
@@ -310,8 +281,8 @@ class Collection:
             if found is None:
                 return None
             row, payload = found
-            if self._tokens is not None:  # a multi-vector point: its (m, dim) set
-                return Point(key, self._tokens.read(self._token_rows(np.array([row]))), payload)
+            if self._sets is not None:  # a multi-vector point: its (m, dim) set
+                return Point(key, self._sets.read(row), payload)
             return Point(key, self._dense.read(np.array([row]))[0], payload)
 
     def search(
@@ -343,12 +314,10 @@ class Collection:
         query_sets: list[np.ndarray] | None = None
         code_queries: np.ndarray | None = None
         if self._fde is not None:
-            assert self.config.multivector is not None  # noqa: S101 - implied by _fde; for mypy
             if isinstance(queries, np.ndarray) and queries.ndim == 2:
                 queries = [queries]  # one query set
             query_sets = check_vector_sets(
-                queries, dim=self.config.dim, normalize=self._normalize,
-                max_vectors=self.config.multivector.max_vectors, what="queries",
+                queries, dim=self.config.dim, normalize=self._normalize, max_vectors=self._max_vectors, what="queries"
             )
             q = self._fde.encode_queries(query_sets)
             code_queries = self._fde.encode_documents(query_sets)
@@ -362,18 +331,18 @@ class Collection:
             t0 = time.perf_counter()
             allowed, allowed_rows = self._allowed(flt)
             coarse = self._coarse
-            usable = coarse is not None and not (isinstance(coarse, PQCoarse) and not coarse.trained)
+            if isinstance(coarse, PQCoarse) and not coarse.trained:
+                coarse = None  # too few points to train yet: the (small) collection is scanned
             small = allowed_rows is not None and len(allowed_rows) <= max(n_rerank, EXACT_FILTER_ROWS)
-            if exact or not usable or small:
+            if exact or coarse is None or small:
                 t1 = time.perf_counter()
                 rows, scores = (
                     self._exact(q, k, allowed, allowed_rows)
-                    if query_sets is None
-                    else self._exact_chamfer(query_sets, k, allowed, allowed_rows)
+                    if query_sets is None or self._sets is None
+                    else _exact_chamfer(self._sets, query_sets, k, self._allowed_rows(allowed, allowed_rows))
                 )
                 candidates = len(allowed_rows) if allowed_rows is not None else self.count()
             else:
-                assert coarse is not None  # noqa: S101 - checked by `usable`; for mypy
                 shortlist = math.ceil(n_rerank * self.config.shortlist_factor)
                 candidate_rows = coarse.candidates(
                     q, n_rerank, shortlist=shortlist, allowed=allowed, code_queries=code_queries
@@ -381,8 +350,8 @@ class Collection:
                 t1 = time.perf_counter()
                 rows, scores = (
                     self._rerank(q, candidate_rows, k)
-                    if query_sets is None
-                    else self._rerank_chamfer(query_sets, candidate_rows, k)
+                    if query_sets is None or self._sets is None
+                    else _rerank_chamfer(self._sets, query_sets, candidate_rows, k)
                 )
                 candidates = n_rerank
             t2 = time.perf_counter()
@@ -437,43 +406,10 @@ class Collection:
             np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1])), constant_values=-np.inf) for s in scores_out]),
         )
 
-    def _rerank_chamfer(
-        self, query_sets: list[np.ndarray], candidate_rows: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact Chamfer (MaxSim) of each query set against its candidates' stored vector sets."""
-        assert self._tokens is not None  # noqa: S101 - multi-vector only; for mypy
-        scores = np.full(candidate_rows.shape, -np.inf, dtype=np.float32)
-        for i, query in enumerate(query_sets):
-            valid = np.flatnonzero(candidate_rows[i] >= 0)
-            rows = candidate_rows[i, valid]
-            if len(rows):
-                scores[i, valid] = self._chamfer_rows(query, rows)
-        return _top_rows(scores, candidate_rows, k)
-
-    def _chamfer_rows(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        assert self._tokens is not None  # noqa: S101 - multi-vector only; for mypy
-        tokens = self._tokens.read(self._token_rows(rows))
-        sizes = self._offsets[rows + 1] - self._offsets[rows]
-        return chamfer(query, np.split(tokens, np.cumsum(sizes)[:-1]))
-
-    def _exact_chamfer(
-        self, query_sets: list[np.ndarray], k: int, allowed: np.ndarray | None, allowed_rows: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Brute-force Chamfer over every (allowed, live) point, in blocks of points."""
-        rows_all = allowed_rows if allowed_rows is not None else np.flatnonzero(
-            self._live if allowed is None else allowed
-        )
-        best_rows = np.full((len(query_sets), 0), -1, dtype=np.int64)
-        best_scores = np.empty((len(query_sets), 0), dtype=np.float32)
-        for start in range(0, len(rows_all), 4096):
-            rows = rows_all[start : start + 4096]
-            scores = np.stack([self._chamfer_rows(query, rows) for query in query_sets])
-            best_rows, best_scores = _top_rows(
-                np.concatenate([best_scores, scores], axis=1),
-                np.concatenate([best_rows, rows[None, :].repeat(len(query_sets), 0)], axis=1),
-                k,
-            )
-        return best_rows, best_scores
+    def _allowed_rows(self, allowed: np.ndarray | None, allowed_rows: np.ndarray | None) -> np.ndarray:
+        if allowed_rows is not None:
+            return allowed_rows
+        return np.flatnonzero(self._live if allowed is None else allowed)
 
     def _hits(self, rows: np.ndarray, scores: np.ndarray, with_payload: bool) -> list[list[Hit]]:
         described = self._catalog.describe(np.unique(rows[rows >= 0]).tolist(), with_payload=with_payload)
@@ -510,7 +446,8 @@ class Collection:
                 f.unlink()
 
     def _save_coarse(self) -> None:
-        assert self._coarse is not None  # noqa: S101 - callers check; for mypy
+        if self._coarse is None:
+            return
         tag = f"{self._generation}-{self._coarse.rows}-{uuid.uuid4().hex[:6]}"
         state = self._coarse.save(self.path, tag)
         state.update(kind=self.config.coarse, generation=self._generation)
@@ -554,6 +491,35 @@ class Collection:
         """Close the collection and delete its directory."""
         self.close(checkpoint=False)
         shutil.rmtree(self.path)
+
+
+def _rerank_chamfer(
+    sets: VectorSetStore, query_sets: list[np.ndarray], candidate_rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Chamfer (MaxSim) of each query set against its candidates' stored vector sets."""
+    scores = np.full(candidate_rows.shape, -np.inf, dtype=np.float32)
+    for i, query in enumerate(query_sets):
+        valid = np.flatnonzero(candidate_rows[i] >= 0)
+        if len(valid):
+            scores[i, valid] = sets.chamfer(query, candidate_rows[i, valid])
+    return _top_rows(scores, candidate_rows, k)
+
+
+def _exact_chamfer(
+    sets: VectorSetStore, query_sets: list[np.ndarray], k: int, rows_all: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force Chamfer over the given points, in blocks of points."""
+    best_rows = np.full((len(query_sets), 0), -1, dtype=np.int64)
+    best_scores = np.empty((len(query_sets), 0), dtype=np.float32)
+    for start in range(0, len(rows_all), 4096):
+        rows = rows_all[start : start + 4096]
+        scores = np.stack([sets.chamfer(query, rows) for query in query_sets])
+        best_rows, best_scores = _top_rows(
+            np.concatenate([best_scores, scores], axis=1),
+            np.concatenate([best_rows, rows[None, :].repeat(len(query_sets), 0)], axis=1),
+            k,
+        )
+    return best_rows, best_scores
 
 
 def _top_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -71,6 +71,9 @@ def test_multivector_persistence_delete_compact(tmp_path, corpus):
         np.testing.assert_allclose(col.get(3).vector, docs[3], atol=1e-6)
         found = col.search(queries, 10, exact=True)
         assert all(h.id % 2 == 1 for r in found for h in r)
+        approx = col.search(queries, 10, oversampling=30)  # the coarse stage was rebuilt on the FDEs
+        recall = np.mean([len({h.id for h in a} & {h.id for h in e}) / 10 for a, e in zip(approx, found, strict=True)])
+        assert recall >= 0.95
     with Collection.open(path) as col:
         np.testing.assert_allclose(col.get(N - 1).vector, docs[N - 1], atol=1e-6)
         assert col.search(queries, 10, exact=True) == found

@@ -1,0 +1,83 @@
+"""The vector sets of multi-vector points, on disk, back to back.
+
+Row ``r``'s set is rows ``offsets[r]:offsets[r+1]`` of one append-only matrix (a ``DenseStore``).
+The offsets are not stored: they are the running sum of the set sizes the catalog records per
+point, so the catalog commit stays the only commit point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from index.dense_store import DenseStore
+from index.errors import CorruptIndex
+from index.fde import chamfer
+
+
+class VectorSetStore:
+    def __init__(self, path: Path, *, dim: int, dtype: str, sizes: np.ndarray, n_vectors: int) -> None:
+        """Open the matrix of ``n_vectors`` committed vectors; ``sizes``: ``(n_rows,)`` set sizes."""
+        if int(sizes.sum()) != n_vectors:
+            raise CorruptIndex(
+                f"the catalog records {n_vectors} vectors but its points' sets hold {int(sizes.sum())}: "
+                "restore the collection from a backup"
+            )
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._store = DenseStore(path, dim=dim, dtype=dtype, n_rows=n_vectors)
+
+    @property
+    def path(self) -> Path:
+        return self._store.path
+
+    @property
+    def n_vectors(self) -> int:
+        return self._store.n_rows
+
+    def close(self) -> None:
+        self._store.close()
+
+    # -- writes (the collection's write protocol: append, commit the catalog, publish) -----------
+    def append(self, vectors: np.ndarray) -> int:
+        """Write ``(m, dim)`` vectors after the committed ones and fsync; returns the new total."""
+        return self._store.append(vectors) + len(vectors)
+
+    def publish(self, sizes: np.ndarray) -> None:
+        self.offsets = np.concatenate([self.offsets, self.offsets[-1] + np.cumsum(sizes)])
+        self._store.publish(int(self.offsets[-1]))
+
+    def rollback(self) -> None:
+        self._store.rollback()
+
+    # -- reads --------------------------------------------------------------------------------
+    def vector_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of the matrix holding the given points' sets, concatenated in the order given."""
+        starts = self.offsets[rows]
+        sizes = self.offsets[rows + 1] - starts
+        # Vectorised ranges: each point's run of rows, back to back.
+        shift = np.repeat(starts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+        out: np.ndarray = np.arange(int(sizes.sum()), dtype=np.int64) + shift
+        return out
+
+    def read(self, row: int) -> np.ndarray:
+        """One point's set, ``(m, dim) float32``."""
+        return self._store.read(self.vector_rows(np.array([row])))
+
+    def chamfer(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Chamfer (MaxSim) of ``query`` ``(q, dim)`` against each point's set: ``(len(rows),) float32``."""
+        vectors = self._store.read(self.vector_rows(rows))
+        sizes = self.offsets[rows + 1] - self.offsets[rows]
+        return chamfer(query, np.split(vectors, np.cumsum(sizes)[:-1]))
+
+    def compact_into(self, path: Path, keep: np.ndarray) -> VectorSetStore:
+        """A new store at ``path`` holding only the sets of ``keep`` (ascending rows), fsynced."""
+        path.unlink(missing_ok=True)
+        sizes = self.offsets[keep + 1] - self.offsets[keep]
+        fresh = VectorSetStore(path, dim=self._store.dim, dtype=str(self._store.dtype),
+                               sizes=np.zeros(0, np.int64), n_vectors=0)
+        for start in range(0, len(keep), 4096):
+            block = keep[start : start + 4096]
+            fresh.append(self._store.read(self.vector_rows(block)))
+            fresh.publish(sizes[start : start + 4096])
+        return fresh
