@@ -280,10 +280,7 @@ class _BinaryIVF:
     def train(cls, scan: Scan, n: int, dim: int) -> _BinaryIVF:
         """Spherical k-means on a sample of the rows, then every row assigned, chunk by chunk."""
         nlist = int(min(4096, max(64, math.sqrt(n))))
-        keep = np.sort(np.random.default_rng(0).choice(n, size=min(n, nlist * 64), replace=False))
-        sample = np.concatenate(
-            [block[keep[(keep >= start) & (keep < start + len(block))] - start] for start, block in scan()]
-        )
+        sample = _sample(scan, n, min(n, nlist * 64))
         kmeans = faiss.Kmeans(dim, nlist, niter=12, spherical=True, seed=1, verbose=False)
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         kmeans.train(sample)
@@ -367,10 +364,7 @@ class PQCoarse:
             return
         nlist = int(min(4096, max(16, math.sqrt(n)), n // 39))  # faiss wants >= 39 points a list
         want = min(n, max(256 * 40, 40 * nlist))
-        keep = np.sort(np.random.default_rng(0).choice(n, size=want, replace=False))
-        sample = np.concatenate(
-            [block[keep[(keep >= start) & (keep < start + len(block))] - start] for start, block in scan()]
-        )
+        sample = _sample(scan, n, want)
         quantizer = faiss.IndexFlat(self.dim, self.metric)
         index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.m, 8, self.metric)
         faiss.omp_set_num_threads(os.cpu_count() or 1)
@@ -426,6 +420,14 @@ def make_coarse(config: CollectionConfig, dim: int) -> BinaryCoarse | PQCoarse |
     if config.coarse == "pq":
         return PQCoarse(dim, probe_fraction=config.probe_fraction)
     return None
+
+
+def _sample(scan: Scan, n: int, size: int) -> np.ndarray:
+    """A seeded random sample of ``size`` of the ``n`` rows, ``(size, dim) float32``, in one pass."""
+    keep = np.sort(np.random.default_rng(0).choice(n, size=size, replace=False))
+    return np.concatenate(
+        [block[keep[(keep >= start) & (keep < start + len(block))] - start] for start, block in scan()]
+    )
 
 
 def _top(scores: np.ndarray, n: int) -> np.ndarray:

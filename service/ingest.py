@@ -58,7 +58,7 @@ class Ingestor:
 
     async def accept(self, opened: OpenCollection, request: Request) -> tuple[Job, int]:
         """Spool the request body, register the job, start it; returns (job, bytes received)."""
-        assert self.runtime.jobs is not None  # noqa: S101 - require_ready() ran; for mypy
+        self.runtime.job_store()  # 503 before start-up opened it
         job = Job(job_id=uuid.uuid4().hex, collection=opened.name)
         path = self.spool_dir / f"{job.job_id}.ndjson"
         received = 0
@@ -78,7 +78,7 @@ class Ingestor:
             f.close()
             path.unlink(missing_ok=True)
             raise
-        await run_in_threadpool(self.runtime.jobs.save, job)
+        await run_in_threadpool(self.runtime.job_store().save, job)
         self.active[job.job_id] = job
         future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, job, opened, path)
         self._running.add(future)
@@ -95,8 +95,7 @@ class Ingestor:
 
     # -- the worker thread ----------------------------------------------------------------
     def _run(self, job: Job, opened: OpenCollection, path: Path) -> None:
-        jobs = self.runtime.jobs
-        assert jobs is not None  # noqa: S101 - set before any job starts; for mypy
+        jobs = self.runtime.job_store()
         job.started_at = time.time()
         jobs.save(job)
         try:
@@ -190,7 +189,7 @@ class Ingestor:
             self._fail(job, entries[row][0], "vector holds NaN or inf, or is all zeros under cosine")
         rows = np.flatnonzero(good)
         if not len(rows):
-            self.runtime.jobs.save(job)  # type: ignore[union-attr]  # set before jobs run
+            self.runtime.job_store().save(job)
             return
         ids = [entries[i][1].id for i in rows]
         payloads = [entries[i][1].payload for i in rows]
@@ -210,7 +209,7 @@ class Ingestor:
         metrics = self.runtime.metrics
         metrics.ingested_points.inc(committed)
         metrics.set_points(opened.name, opened.collection.count())
-        self.runtime.jobs.save(job)  # type: ignore[union-attr]  # set before jobs run
+        self.runtime.job_store().save(job)
 
     def _commit_sets(self, job: Job, opened: OpenCollection, entries: list[tuple[int, PointIn]]) -> None:
         """A chunk of a multi-vector collection: each point a vector set, or text turned into one."""
@@ -254,7 +253,7 @@ class Ingestor:
         job.points_committed += committed
         self.runtime.metrics.ingested_points.inc(committed)
         self.runtime.metrics.set_points(opened.name, opened.collection.count())
-        self.runtime.jobs.save(job)  # type: ignore[union-attr]  # set before jobs run
+        self.runtime.job_store().save(job)
 
     def _fail(self, job: Job, number: int, message: str) -> None:
         job.add_error(number, message)

@@ -117,6 +117,17 @@ class Runtime:
                 raise NotReady(f"start-up failed: {self.startup_error}")
             raise NotReady("shutting down" if self.stopping else "starting: collections or encoder still loading")
 
+    def job_store(self) -> JobStore:
+        """The ingestion jobs' store; 503 until start-up has opened it."""
+        if self.jobs is None:
+            raise NotReady("starting: the job store is not open yet")
+        return self.jobs
+
+    def job_runner(self) -> Ingestor:
+        if self.ingestor is None:
+            raise NotReady("starting: ingestion is not available yet")
+        return self.ingestor
+
     def spawn(self, work: Coroutine[Any, Any, Any], *, what: str) -> None:
         """Run `work` after the response (wait=false); failures are logged, shutdown waits for it."""
 

@@ -27,16 +27,14 @@ _NDJSON_BODY = {
     openapi_extra=_NDJSON_BODY,
 )
 async def ingest(request: Request, opened: CollectionDep, runtime: ReadyRuntime) -> JobAccepted:
-    assert runtime.ingestor is not None  # noqa: S101 - set once ready; for mypy
-    job, received = await runtime.ingestor.accept(opened, request)
+    job, received = await runtime.job_runner().accept(opened, request)
     return JobAccepted(job_id=job.job_id, bytes_received=received)
 
 
 @router.get("/jobs/{job_id}", response_model=JobState, summary="progress and bad lines of an ingestion job")
 async def get_job(job_id: str, runtime: ReadyRuntime) -> JobState:
-    assert runtime.jobs is not None  # noqa: S101 - set once ready; for mypy
     active = runtime.ingestor.active if runtime.ingestor is not None else {}
-    job = active.get(job_id) or await run_in_threadpool(runtime.jobs.get, job_id)
+    job = active.get(job_id) or await run_in_threadpool(runtime.job_store().get, job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     return JobState.model_validate(job.to_dict())
