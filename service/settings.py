@@ -59,7 +59,9 @@ class Settings(BaseSettings):
         2**20, ge=256, description="longest NDJSON line in bytes; a longer line is reported and skipped"
     )
     ingest_chunk_points: int = Field(
-        512, ge=1, le=100_000, description="points parsed, encoded and committed together by an ingestion job"
+        2048, ge=1, le=100_000,
+        description="points parsed, encoded and committed together by an ingestion job (texts are sorted by "
+        "length within a chunk: 512 encoded glosses at 0.77x the rate of one sort over 3,000, 2048 at 0.95x)",
     )
     search_queue_size: int = Field(
         256, ge=1, le=1_000_000,
