@@ -409,7 +409,7 @@ def measure_collection(rep: Representation, ds: BeirDataset, truth: list[np.ndar
             out["runs"].append({
                 "candidates": n, "oversampling": over, "candidates_reported": res.candidates,
                 "queries": len(subset),
-                "recall_at_10": recall_at_10(truth, found),
+                "recall_at_10": recall_at_10(truth[: len(subset)], found),
                 "ndcg_at_10": ndcg(ds, found)["ndcg_at_10"] if len(subset) == len(rep.queries) else None,
                 **lat, "speedup_p50": brute_p50 / lat["p50_ms"],
                 "mean_ms_coarse": float(np.mean(coarse_ms)), "mean_ms_rerank": float(np.mean(rerank_ms)),

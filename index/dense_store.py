@@ -99,6 +99,21 @@ class DenseStore:
         out[order] = gathered
         return out
 
+    def read_ranges(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Rows ``starts[i]:ends[i]`` for each i, concatenated: ``(sum(ends - starts), dim) float32``.
+
+        One read hint per range, not per row: a multi-vector point's set is contiguous.
+        """
+        if len(starts) == 0 or self._map is None:
+            return np.empty((0, self.dim), dtype=np.float32)
+        if self.prefetch and _WILLNEED is not None and len(starts) > 1:
+            for start, end in zip((starts * self.row_bytes).tolist(), (ends * self.row_bytes).tolist(), strict=True):
+                os.posix_fadvise(self._fd, start, end - start, _WILLNEED)
+        mapped = self._map
+        return np.concatenate([mapped[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]).astype(
+            np.float32, copy=False
+        )
+
     def scan(self, *, chunk_rows: int = 32768) -> Iterator[tuple[int, np.ndarray]]:
         """Sequential pass over all rows: ``(first_row, (c, dim) float32)`` chunks."""
         mapped = self._map

@@ -51,24 +51,19 @@ class VectorSetStore:
         self._store.rollback()
 
     # -- reads --------------------------------------------------------------------------------
-    def vector_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Rows of the matrix holding the given points' sets, concatenated in the order given."""
-        starts = self.offsets[rows]
-        sizes = self.offsets[rows + 1] - starts
-        # Vectorised ranges: each point's run of rows, back to back.
-        shift = np.repeat(starts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
-        out: np.ndarray = np.arange(int(sizes.sum()), dtype=np.int64) + shift
-        return out
-
     def read(self, row: int) -> np.ndarray:
         """One point's set, ``(m, dim) float32``."""
-        return self._store.read(self.vector_rows(np.array([row])))
+        return self._store.read_ranges(self.offsets[[row]], self.offsets[[row + 1]])
 
     def chamfer(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Chamfer (MaxSim) of ``query`` ``(q, dim)`` against each point's set: ``(len(rows),) float32``."""
-        vectors = self._store.read(self.vector_rows(rows))
-        sizes = self.offsets[rows + 1] - self.offsets[rows]
-        return chamfer(query, np.split(vectors, np.cumsum(sizes)[:-1]))
+        order = np.argsort(rows, kind="stable")  # read in file order, score back in the order asked
+        ascending = rows[order]
+        vectors = self._store.read_ranges(self.offsets[ascending], self.offsets[ascending + 1])
+        sizes = self.offsets[ascending + 1] - self.offsets[ascending]
+        scores = np.empty(len(rows), dtype=np.float32)
+        scores[order] = chamfer(query, np.split(vectors, np.cumsum(sizes)[:-1]))
+        return scores
 
     def compact_into(self, path: Path, keep: np.ndarray) -> VectorSetStore:
         """A new store at ``path`` holding only the sets of ``keep`` (ascending rows), fsynced."""
@@ -78,6 +73,6 @@ class VectorSetStore:
                                sizes=np.zeros(0, np.int64), n_vectors=0)
         for start in range(0, len(keep), 4096):
             block = keep[start : start + 4096]
-            fresh.append(self._store.read(self.vector_rows(block)))
+            fresh.append(self._store.read_ranges(self.offsets[block], self.offsets[block + 1]))
             fresh.publish(sizes[start : start + 4096])
         return fresh
