@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -425,6 +426,7 @@ def measure_collection(rep: Representation, ds: BeirDataset, truth: list[np.ndar
         return out
     finally:
         col.close()
+        shutil.rmtree(col.path, ignore_errors=True)  # ~1 GB for token sets
         PQCoarse.TRAIN_ROWS = train_rows
 
 
@@ -576,6 +578,7 @@ def main() -> None:
             time.sleep(120)
         result["collection_error"] = error
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tandem-mv-bench-"))
+        workdir.mkdir(parents=True, exist_ok=True)
         for rep in reps:
             r = result["representations"][rep.name]
             if error is not None or rep.name not in args.fde:
@@ -591,6 +594,8 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - report and go on with the other kinds
                     r["collection"][coarse] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"{rep.name} collection {coarse}: {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
     for r in result["representations"].values():
         r.pop("_truth")
     result["machine"]["loadavg_end"] = os.getloadavg()
