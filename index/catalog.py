@@ -162,9 +162,6 @@ class Catalog:
             self._db.execute(f"UPDATE points SET live = 0 WHERE row IN ({marks})", tuple(chunk))
 
     # -- reads --------------------------------------------------------------------------------
-    def count(self) -> int:
-        return int(self._read.execute("SELECT COUNT(*) FROM points WHERE live = 1").fetchone()[0])
-
     def dead_rows(self) -> np.ndarray:
         rows = self._read.execute("SELECT row FROM points WHERE live = 0").fetchall()
         return np.asarray([r[0] for r in rows], dtype=np.int64)

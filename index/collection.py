@@ -320,7 +320,6 @@ class Collection:
                 queries, dim=self.config.dim, normalize=self._normalize, max_vectors=self._max_vectors, what="queries"
             )
             q = self._fde.encode_queries(query_sets)
-            code_queries = self._fde.encode_documents(query_sets)
         else:
             q = check_vectors(queries, dim=self.config.dim, normalize=self._normalize, what="queries")
         k = check_k(k)
@@ -344,6 +343,9 @@ class Collection:
                 candidates = len(allowed_rows) if allowed_rows is not None else self.count()
             else:
                 shortlist = math.ceil(n_rerank * self.config.shortlist_factor)
+                if query_sets is not None and self._fde is not None:
+                    # Hamming codes of the query's document-style FDE: dense, like the stored codes.
+                    code_queries = self._fde.encode_documents(query_sets)
                 candidate_rows = coarse.candidates(
                     q, n_rerank, shortlist=shortlist, allowed=allowed, code_queries=code_queries
                 )

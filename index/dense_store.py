@@ -130,6 +130,3 @@ class DenseStore:
         self._map = None
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self._remap()
-
-    def disk_bytes(self) -> int:
-        return self.n_rows * self.row_bytes
