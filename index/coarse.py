@@ -189,11 +189,7 @@ class BinaryCoarse:
         for i in range(len(queries)):
             rows = self._shortlist(queries[i : i + 1], qcodes[i : i + 1], width, allowed)
             if width > n and len(rows) > n:
-                bits = np.unpackbits(np.take(self._buffer, rows, axis=0), axis=1, count=self.dim).astype(np.float32)
-                # <q, 2b - 1> = 2 <q, b> - sum(q): one matrix-vector product over 0/1 bits. einsum,
-                # not BLAS: OpenBLAS threads a product this small and, beside faiss's OpenMP
-                # threads on 2 cores, took 9 ms instead of 0.2 ms.
-                rows = rows[_top(np.einsum("sd,d->s", bits, projected[i]), n)]
+                rows = rows[_top(_bit_products(projected[i], np.take(self._buffer, rows, axis=0)), n)]
             out[i, : len(rows)] = rows[:n]
         return out
 
@@ -428,6 +424,26 @@ def _sample(scan: Scan, n: int, size: int) -> np.ndarray:
     return np.concatenate(
         [block[keep[(keep >= start) & (keep < start + len(block))] - start] for start, block in scan()]
     )
+
+
+def _bit_products(query: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """``<query, b>`` for each packed 0/1 code row ``b`` of ``codes`` ``(s, code_size) uint8``.
+
+    Ranks like ``<q, 2b - 1> = 2 <q, b> - sum(q)``. Each code byte selects one of 256 partial sums
+    of its 8 query components from a table built once per query: ``s * code_size`` lookups
+    instead of unpacking ``s * dim`` bits to floats (for 10,240-bit FDE codes, 1,200 rows:
+    7 ms instead of 14 ms).
+    """
+    size = codes.shape[1]
+    padded = np.zeros(size * 8, dtype=np.float32)
+    padded[: len(query)] = query
+    parts = padded.reshape(size, 8)
+    table = np.zeros((size, 1), dtype=np.float32)  # (code_size, 256) once every bit is in
+    for bit in range(7, -1, -1):  # packbits puts a byte's first component in its top bit
+        table = np.concatenate([table, table + parts[:, bit : bit + 1]], axis=1)
+    index = codes + np.arange(0, size * 256, 256, dtype=np.int32)
+    products: np.ndarray = np.take(table.ravel(), index).sum(axis=1)
+    return products
 
 
 def _top(scores: np.ndarray, n: int) -> np.ndarray:

@@ -338,7 +338,7 @@ class Collection:
                 rows, scores = (
                     self._exact(q, k, allowed, allowed_rows)
                     if query_sets is None or self._sets is None
-                    else _exact_chamfer(self._sets, query_sets, k, self._allowed_rows(allowed, allowed_rows))
+                    else _exact_chamfer(self._sets, query_sets, k, np.sort(self._allowed_rows(allowed, allowed_rows)))
                 )
                 candidates = len(allowed_rows) if allowed_rows is not None else self.count()
             else:
@@ -510,11 +510,10 @@ def _rerank_chamfer(
 def _exact_chamfer(
     sets: VectorSetStore, query_sets: list[np.ndarray], k: int, rows_all: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force Chamfer over the given points, in blocks of points."""
+    """Brute-force Chamfer over the given (ascending) points, in file order, a block at a time."""
     best_rows = np.full((len(query_sets), 0), -1, dtype=np.int64)
     best_scores = np.empty((len(query_sets), 0), dtype=np.float32)
-    for start in range(0, len(rows_all), 4096):
-        rows = rows_all[start : start + 4096]
+    for rows in sets.blocks(rows_all):
         scores = np.stack([sets.chamfer(query, rows) for query in query_sets])
         best_rows, best_scores = _top_rows(
             np.concatenate([best_scores, scores], axis=1),

@@ -100,19 +100,27 @@ class DenseStore:
         return out
 
     def read_ranges(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """Rows ``starts[i]:ends[i]`` for each i, concatenated: ``(sum(ends - starts), dim) float32``.
+        """Rows ``starts[i]:ends[i]`` for each i, concatenated: ``(sum(ends - starts), dim) float32``."""
+        stored = self.stored_ranges(starts, ends)
+        return stored if stored.dtype == np.float32 and stored.flags.writeable else stored.astype(np.float32)
 
-        One read hint per range, not per row: a multi-vector point's set is contiguous.
+    def stored_ranges(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """``read_ranges`` in the stored dtype; ranges must be ascending and not overlap.
+
+        One read hint per range, not per row: a multi-vector point's set is contiguous. Ranges
+        that touch are read as one; a single run is returned as a read-only view of the file.
         """
         if len(starts) == 0 or self._map is None:
-            return np.empty((0, self.dim), dtype=np.float32)
+            return np.empty((0, self.dim), dtype=self.dtype)
+        breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+        starts, ends = starts[np.concatenate([[0], breaks])], ends[np.concatenate([breaks - 1, [len(ends) - 1]])]
         if self.prefetch and _WILLNEED is not None and len(starts) > 1:
             for start, end in zip((starts * self.row_bytes).tolist(), (ends * self.row_bytes).tolist(), strict=True):
                 os.posix_fadvise(self._fd, start, end - start, _WILLNEED)
         mapped = self._map
-        return np.concatenate([mapped[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]).astype(
-            np.float32, copy=False
-        )
+        if len(starts) == 1:
+            return np.asarray(mapped[int(starts[0]) : int(ends[0])])
+        return np.concatenate([mapped[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
 
     def scan(self, *, chunk_rows: int = 32768) -> Iterator[tuple[int, np.ndarray]]:
         """Sequential pass over all rows: ``(first_row, (c, dim) float32)`` chunks."""

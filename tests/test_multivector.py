@@ -98,3 +98,32 @@ def test_bad_vector_sets_write_nothing(tmp_path, sets, error, says):
             col.upsert(["a", "b"], sets)
         assert col.count() == 1 and col.get("a") is None
         assert col.stats().disk_bytes == disk
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_maxsim_kernel_equals_numpy_chamfer(dtype):
+    from index.maxsim import MaxSim
+
+    docs = topic_sets(60, seed=5)
+    query = topic_sets(1, seed=6)[0]
+    stored = np.concatenate(docs).astype(dtype)
+    sizes = np.array([len(d) for d in docs])
+    expected = chamfer(query, [d.astype(dtype).astype(np.float32) for d in docs])
+    got = MaxSim(DIM, dtype).scores(query, stored, sizes)
+    assert got.dtype == np.float32 and got.shape == (60,)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chamfer_over_many_blocks_and_any_row_order(tmp_path, corpus):
+    """Scores come back in the order asked, whatever way the rows are cut into blocks."""
+    docs, queries = corpus
+    with Collection.create(tmp_path / "c", CollectionConfig(dim=DIM, dtype="float32",
+                                                           multivector=MultiVectorConfig())) as col:
+        col.upsert(list(range(N)), docs)
+        sets = col._sets
+        rows = np.random.default_rng(3).permutation(N)[:500]
+        blocks = list(sets.blocks(np.sort(rows), max_vectors=100))
+        assert len(blocks) > 10 and np.array_equal(np.concatenate(blocks), np.sort(rows))
+        assert all((sets.offsets[b + 1] - sets.offsets[b]).sum() <= 100 or len(b) == 1 for b in blocks)
+        expected = chamfer(queries[0], [docs[r] for r in rows])
+        np.testing.assert_allclose(sets.chamfer(queries[0], rows), expected, rtol=1e-5, atol=1e-5)
