@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
+from index import device
 from index.config import CollectionConfig
 
 Chunks = Iterable[tuple[int, np.ndarray]]  # (first_row, (c, dim) float32) from DenseStore.scan
@@ -102,6 +103,7 @@ class BinaryCoarse:
         )
         self._buffer = np.empty((0, self.code_size), dtype=np.uint8)
         self._n = 0
+        self._gpu_codes = self._new_gpu_codes()
         self.nprobe = 0
         self._ivf: _BinaryIVF | None = None
 
@@ -133,6 +135,11 @@ class BinaryCoarse:
         if self._ivf is not None:
             self._ivf.add(vectors)
 
+    def _new_gpu_codes(self) -> device.GpuIndex | None:
+        """An empty GPU copy of the codes for the whole-collection scan, when faiss runs on a GPU."""
+        gpu = device.gpu()
+        return gpu.binary_flat(self.code_size * 8) if gpu is not None else None
+
     def _append(self, codes: np.ndarray) -> None:
         need = self._n + len(codes)
         if need > len(self._buffer):
@@ -142,6 +149,8 @@ class BinaryCoarse:
             self._buffer = grown
         self._buffer[self._n : need] = codes
         self._n = need
+        if self._gpu_codes is not None:
+            self._gpu_codes.add(self._buffer[need - len(codes) : need])
 
     def needs_rebuild(self) -> bool:
         refit = self.transform == "center" and self.fit_rows < self.rows // 2 and self.fit_rows < self.REFIT_LIMIT
@@ -157,6 +166,7 @@ class BinaryCoarse:
                 n += len(block)
             self.mean = (total / max(n, 1)).astype(np.float32)
         self._n = 0
+        self._gpu_codes = self._new_gpu_codes()
         for _, block in scan():
             self._append(self.encode(block))
         self.fit_rows = self._n
@@ -197,7 +207,9 @@ class BinaryCoarse:
         self, query: np.ndarray, qcode: np.ndarray, width: int, allowed: np.ndarray | None
     ) -> np.ndarray:
         """The ``width`` rows nearest in Hamming distance among the allowed ones, ``(m,) int64``."""
-        rows = self._ivf.probe(query, self.nprobe) if self._ivf is not None else None
+        # On a GPU the whole scan beats probing the inverted file (1M codes are 48 MB there).
+        use_ivf = self._ivf is not None and (self._gpu_codes is None or width > device.GPU_MAX_K)
+        rows = self._ivf.probe(query, self.nprobe) if self._ivf is not None and use_ivf else None
         if allowed is not None:
             if rows is not None:
                 rows = rows[allowed[rows]]
@@ -205,16 +217,15 @@ class BinaryCoarse:
                 excluded = self._n - int(np.count_nonzero(allowed[: self._n]))
                 if excluded <= 4 * width:
                     # A few tombstones: scan everything a little wider, then drop them.
-                    _, wide = faiss.knn_hamming(qcode, self.codes, min(width + excluded, self._n), variant="mc")
-                    kept: np.ndarray = wide[0][wide[0] >= 0]
+                    wide = self._scan_all(qcode, min(width + excluded, self._n), "mc")
+                    kept: np.ndarray = wide[wide >= 0]
                     kept = kept[allowed[kept]][:width]
                     return kept
                 rows = np.flatnonzero(allowed[: self._n])
         # A heap ("hc") is faster for short lists, counting distances ("mc") for long ones.
         variant = "mc" if width > 256 else "hc"
         if rows is None:
-            _, found = faiss.knn_hamming(qcode, self.codes, min(width, self._n), variant=variant)
-            found = found[0]
+            found = self._scan_all(qcode, min(width, self._n), variant)
         else:
             if len(rows) == 0:
                 return rows
@@ -223,6 +234,15 @@ class BinaryCoarse:
             _, local = faiss.knn_hamming(qcode, subset, min(width, len(rows)), variant=variant)
             found = rows[local[0]]
         result: np.ndarray = found[found >= 0]
+        return result
+
+    def _scan_all(self, qcode: np.ndarray, k: int, variant: str) -> np.ndarray:
+        """The ``k`` rows of all codes nearest the ``(1, code_size)`` query code, ``(k,) int64``."""
+        if self._gpu_codes is not None and 0 < k <= device.GPU_MAX_K:
+            found = self._gpu_codes.search(qcode, k)
+        else:
+            _, found = faiss.knn_hamming(qcode, self.codes, k, variant=variant)
+        result: np.ndarray = found[0]
         return result
 
     def ram_bytes(self) -> int:
@@ -248,6 +268,7 @@ class BinaryCoarse:
         if codes.shape != (state["rows"], self.code_size):
             raise ValueError(f"coarse file holds {codes.shape}, expected ({state['rows']}, {self.code_size})")
         self._n = 0
+        self._gpu_codes = self._new_gpu_codes()
         self._append(codes)
         self.fit_rows = int(state["fit_rows"])
         self._ivf = ivf
@@ -333,6 +354,7 @@ class PQCoarse:
         self.m = max(d for d in range(1, 49) if dim % d == 0)
         self.index: Any = None
         self._pending = 0  # rows seen before training
+        self._gpu_index: device.GpuIndex | None = None  # a GPU copy for unfiltered searches
 
     @property
     def rows(self) -> int:
@@ -347,7 +369,10 @@ class PQCoarse:
             self._pending += len(vectors)
         else:
             faiss.omp_set_num_threads(os.cpu_count() or 1)
-            self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+            rows = np.ascontiguousarray(vectors, dtype=np.float32)
+            self.index.add(rows)
+            if self._gpu_index is not None:
+                self._gpu_index.add(rows)
 
     def needs_rebuild(self) -> bool:
         return self.index is None and self._pending >= self.TRAIN_ROWS
@@ -356,7 +381,7 @@ class PQCoarse:
         """Train on a sample of the rows, then add them all, one chunk at a time."""
         n = sum(len(block) for _, block in scan())
         if n < self.TRAIN_ROWS:
-            self.index, self._pending = None, n
+            self.index, self._pending, self._gpu_index = None, n, None
             return
         nlist = int(min(4096, max(16, math.sqrt(n)), n // 39))  # faiss wants >= 39 points a list
         want = min(n, max(256 * 40, 40 * nlist))
@@ -369,6 +394,14 @@ class PQCoarse:
             index.add(block)
         index.nprobe = min(nlist, max(16, math.ceil(nlist * self.probe_fraction)))
         self.index = index
+        self._copy_to_gpu()
+
+    def _copy_to_gpu(self) -> None:
+        gpu = device.gpu()
+        self._gpu_index = None
+        # GPU IVF searches probe at most GPU_MAX_K lists; a wider probe stays on the CPU.
+        if gpu is not None and self.index is not None and self.index.nprobe <= device.GPU_MAX_K:
+            self._gpu_index = gpu.ivf_copy(self.index)
 
     def candidates(
         self,
@@ -379,6 +412,9 @@ class PQCoarse:
         allowed: np.ndarray | None,
         code_queries: np.ndarray | None = None,
     ) -> np.ndarray:
+        if self._gpu_index is not None and allowed is None and n <= device.GPU_MAX_K:
+            # faiss's GPU IVF takes no IDSelector: filtered searches stay on the CPU.
+            return self._gpu_index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
         selector, _keep = _selector(allowed)
         params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)
         if selector is not None:
@@ -403,11 +439,12 @@ class PQCoarse:
 
     def load(self, directory: Path, state: dict[str, Any]) -> None:
         if state.get("file") is None:
-            self.index, self._pending = None, 0
+            self.index, self._pending, self._gpu_index = None, 0, None
             return
         self.index = faiss.read_index(str(directory / state["file"]))
         nlist = self.index.nlist
         self.index.nprobe = min(nlist, max(16, math.ceil(nlist * self.probe_fraction)))
+        self._copy_to_gpu()
 
 
 def make_coarse(config: CollectionConfig, dim: int) -> BinaryCoarse | PQCoarse | None:

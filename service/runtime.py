@@ -17,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 from starlette.concurrency import run_in_threadpool
 
 from index import SearchResult
+from index import device as faiss_device
 from index.errors import DimensionMismatch
 from service import schemas
 from service.batcher import MicroBatcher, Overloaded
@@ -34,6 +36,11 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 PROBE_TEXT = "tandem readiness probe"
+CUDA = "CUDAExecutionProvider"
+#: onnxruntime providers per --device; auto (None) lets the encoder take CUDA when onnxruntime offers it.
+ENCODER_PROVIDERS: dict[str, list[str] | None] = {
+    "auto": None, "cpu": ["CPUExecutionProvider"], "gpu": [CUDA, "CPUExecutionProvider"],
+}
 
 
 class Runtime:
@@ -61,6 +68,9 @@ class Runtime:
     async def start(self) -> None:
         try:
             t0 = time.perf_counter()
+            # Before the collections open: their coarse stages are built on the chosen device.
+            coarse_device = faiss_device.select(self.settings.device)
+            faiss_device.use(coarse_device)
             names = await run_in_threadpool(self.registry.open_all)
             for name in names:
                 self.metrics.set_points(name, self.registry.get(name).collection.count())
@@ -70,7 +80,7 @@ class Runtime:
             if self.settings.model_dir is not None:
                 encoder = await run_in_threadpool(
                     TextEncoder.load, self.settings.model_dir, threads=self.settings.encoder_threads,
-                    quantized=self.settings.encoder_int8,
+                    quantized=self.settings.encoder_int8, providers=ENCODER_PROVIDERS[self.settings.device],
                 )
                 probe = await run_in_threadpool(encoder.encode, [PROBE_TEXT])
                 if probe.shape != (1, encoder.dim) or not np.isfinite(probe).all():
@@ -83,6 +93,11 @@ class Runtime:
                     max_queue=self.settings.search_queue_size,
                     name="query-encoder",
                 )
+            logger.info(
+                "device %s: %s; coarse stage on %s (%s)", self.settings.device,
+                _encoder_device(self.settings.device, next(iter(self.encoders.values()), None)),
+                coarse_device.device, coarse_device.reason,
+            )
             self.metrics.watch_queue(self.queue_depth)
             self.ready = True
             self.metrics.ready.set(1)
@@ -339,6 +354,26 @@ class Runtime:
         n = await run_in_threadpool(opened.guarded, opened.collection.delete, ids)
         self.metrics.set_points(opened.name, opened.collection.count())
         return n
+
+
+def _encoder_device(requested: str, encoder: TextEncoder | None) -> str:
+    """Where the encoder runs and why, for the start-up log; raises when --device gpu got no GPU."""
+    if encoder is None:
+        return "no encoder"
+    if encoder.provider == CUDA:
+        return f"encoder on {CUDA}"
+    if requested == "cpu":
+        why = "the CPU was asked for"
+    elif CUDA not in ort.get_available_providers():
+        why = "onnxruntime-gpu is not installed"
+    else:
+        why = "onnxruntime's CUDA provider did not start; see its log above"
+    if requested == "gpu":
+        raise RuntimeError(
+            f"--device gpu, but the encoder cannot run on a GPU: {why}; "
+            "set TANDEM_DEVICE=auto (--device auto) to fall back to the CPU"
+        )
+    return f"encoder on {encoder.provider} ({why})"
 
 
 def text_vector_sets(encoder: TextEncoder, texts: Sequence[str]) -> list[np.ndarray]:

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         description="run the int8 model (feed-forward MatMuls quantized; SciFact nDCG@10 0.6449 vs "
         "0.6451 in float32, about 2x faster on CPU); written by export-model as model.int8.onnx",
     )
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="where the encoder (onnxruntime) and the coarse stage (faiss) run: auto (a GPU when one "
+        "is visible, else the CPU; the start-up log says which and why), cpu, or gpu (start-up fails without one)",
+    )
     # -- security ----------------------------------------------------------------------------
     api_key: SecretStr | None = Field(
         None,
@@ -99,6 +104,23 @@ class Settings(BaseSettings):
                 "the API key must be at least 8 characters with no surrounding whitespace: "
                 "set TANDEM_API_KEY (or --api-key) to a longer token, or leave it unset to disable auth"
             )
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value == "gpu":
+            # Imported here: faiss is loaded only when a GPU is asked for (--help stays fast).
+            from index.device import GpuUnavailable, select
+
+            try:
+                select("gpu")
+            except GpuUnavailable as exc:
+                raise ValueError(
+                    f"{exc}. Run the GPU image (docker/Dockerfile.gpu) with a GPU passed to the container "
+                    "(docker run --gpus all; nvidia.com/gpu in Kubernetes), or set TANDEM_DEVICE=auto "
+                    "(--device auto) to fall back to the CPU"
+                ) from None
         return value
 
     @field_validator("data_dir")
