@@ -422,6 +422,26 @@ def test_runtime_venv_serves_text_search(runtime_venv: Path, models_dir: Path, t
             found = c.post("/collections/notes/search", json={"text": "kitten napping in the sun", "k": 3})
             assert found.status_code == 200, found.text
             assert [h["id"] for h in found.json()["hits"]][0] == "cat"
+            # deploy/README.md's online backup, run as there: the image's python, script on stdin.
+            check(
+                [str(runtime_venv / "bin" / "python"), "-", "notes", str(srv.data_dir), str(tmp_path / "backups")],
+                input=(REPO_ROOT / "deploy" / "backup-collection.py").read_text(),
+            )
+            late = c.put("/collections/notes/points?wait=true", json={"points": [{"id": "late", "text": "x"}]})
+            assert late.status_code == 200, late.text
     finally:
         srv.stop_cleanly()
     assert "coarse stage on cpu" in srv.log()
+
+    # Restore: the folder into the collections of a stopped (here: new) server.
+    restored = tmp_path / "restored"
+    (restored / "collections").mkdir(parents=True)
+    shutil.copytree(tmp_path / "backups" / "notes", restored / "collections" / "notes")
+    again = VenvServer(runtime_venv, restored, models_dir).start()
+    try:
+        with httpx.Client(base_url=again.url, timeout=60) as c:
+            assert c.get("/collections/notes").json()["points"] == 3  # as of the backup
+            found = c.post("/collections/notes/search", json={"text": "kitten napping in the sun", "k": 1})
+            assert [h["id"] for h in found.json()["hits"]] == ["cat"]
+    finally:
+        again.stop_cleanly()
