@@ -13,8 +13,10 @@ caught up at ``open`` by re-encoding the rows the last coarse checkpoint lacks.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
+import sqlite3
 import time
 import uuid
 from collections.abc import Sequence
@@ -39,11 +41,13 @@ from index.catalog import Catalog
 from index.coarse import PQCoarse
 from index.config import CollectionConfig
 from index.dense_store import DenseStore
-from index.errors import CollectionExists, CollectionNotFound, CorruptIndex
+from index.errors import CollectionExists, CollectionNotFound, CorruptIndex, is_storage_full, storage_full
 from index.fde import FDEEncoder, MuveraParams
 from index.filters import Filter
 from index.locks import ReadWriteLock
 from index.vector_sets import VectorSetStore
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 CATALOG = "catalog.sqlite"
@@ -145,7 +149,12 @@ class Collection:
         path = Path(path)
         if not (path / CATALOG).is_file():
             raise CollectionNotFound(f"no collection at {path}: create it first")
-        catalog = Catalog(path / CATALOG)
+        try:
+            catalog = Catalog(path / CATALOG)
+        except sqlite3.DatabaseError as exc:
+            raise CorruptIndex(
+                f"{path / CATALOG} is not a readable SQLite database ({exc}): restore the collection from a backup"
+            ) from None
         try:
             raw = catalog.get_meta("config")
             if raw is None:
@@ -195,18 +204,20 @@ class Collection:
         self, keys: list[PointId], vectors: np.ndarray, payloads: list[str | None], sets: VectorSetBatch | None = None
     ) -> None:
         with self._lock.write():
-            first = self._dense.append(vectors)
-            meta = None
-            if self._sets is not None and sets is not None:
-                meta = {"n_tokens": str(self._sets.append(sets.tokens))}
             try:
+                first = self._dense.append(vectors)
+                meta = None
+                if self._sets is not None and sets is not None:
+                    meta = {"n_tokens": str(self._sets.append(sets.tokens))}
                 replaced = self._catalog.commit_upsert(
                     keys, payloads, first, set_sizes=None if sets is None else sets.sizes.tolist(), meta=meta
                 )
-            except BaseException:
+            except BaseException as exc:
                 self._dense.rollback()
                 if self._sets is not None:
                     self._sets.rollback()
+                if is_storage_full(exc):
+                    raise storage_full(exc, f"writing {len(keys)} points") from exc
                 raise
             self._dense.publish(first + len(keys))
             if self._sets is not None and sets is not None:
@@ -225,7 +236,12 @@ class Collection:
         """Tombstone points; returns how many existed. Unknown ids are ignored."""
         keys = check_ids(ids)
         with self._lock.write():
-            rows = self._catalog.commit_delete(keys)
+            try:
+                rows = self._catalog.commit_delete(keys)
+            except Exception as exc:
+                if is_storage_full(exc):
+                    raise storage_full(exc, f"deleting {len(keys)} points") from exc
+                raise
             self._mark_dead(rows)
         return len(rows)
 
@@ -448,6 +464,16 @@ class Collection:
                 f.unlink()
 
     def _save_coarse(self) -> None:
+        """Checkpoint the coarse stage. Best effort: a collection opened without an up-to-date
+        checkpoint rebuilds it from the vectors, so a full disk here costs time, not data."""
+        try:
+            self._write_coarse()
+        except OSError as exc:
+            logger.warning("coarse checkpoint of %s not written (%s); it is rebuilt on open", self.path, exc)
+            for f in self.path.glob("coarse.*.tmp"):
+                f.unlink(missing_ok=True)
+
+    def _write_coarse(self) -> None:
         if self._coarse is None:
             return
         tag = f"{self._generation}-{self._coarse.rows}-{uuid.uuid4().hex[:6]}"

@@ -6,6 +6,9 @@ status codes in one table (``service/errors.py``).
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 
 class TandemError(Exception):
     """Base class of every error the library raises on purpose."""
@@ -61,3 +64,25 @@ class PointNotFound(TandemError, LookupError):
 
 class CorruptIndex(TandemError):
     """The collection's files disagree and cannot be recovered to a committed state."""
+
+
+class StorageFull(TandemError):
+    """The disk (or quota, or file size limit) under the collection is full; nothing was written."""
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the operating system or SQLite saying there is no room to write."""
+    if isinstance(exc, StorageFull):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return False
+
+
+def storage_full(exc: BaseException, what: str) -> StorageFull:
+    return StorageFull(
+        f"{what} failed: no space left on the data volume ({exc}). Nothing of it was written; "
+        "free space or grow the volume, then send it again"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -66,6 +67,10 @@ class NotReady(ServiceError):
     """The service is starting, shutting down, or failed to start."""
 
 
+class CollectionUnavailable(ServiceError):
+    """A collection whose files could not be opened at start-up (damaged, or from a newer version)."""
+
+
 class EncoderUnavailable(ServiceError):
     """A collection names an encoder this server did not load."""
 
@@ -86,8 +91,10 @@ STATUS: dict[type[Exception], int] = {
     Overloaded: 429,
     NotReady: 503,
     EncoderUnavailable: 503,
+    CollectionUnavailable: 503,
     EncoderNotFound: 503,
     BatcherClosed: 503,
+    index_errors.StorageFull: 507,
 }
 
 
@@ -119,6 +126,9 @@ def internal_error_response() -> JSONResponse:
 
 async def _mapped(request: Request, exc: Exception) -> JSONResponse:
     status = status_of(exc)
+    if status is None and index_errors.is_storage_full(exc):  # a write outside the library's guarded ones
+        logger.error("no space left on the data volume", exc_info=exc)
+        return await _mapped(request, index_errors.storage_full(exc, f"{request.method} {request.url.path}"))
     if status is None:
         logger.error("unhandled %s", type(exc).__name__, exc_info=exc)
         return internal_error_response()
@@ -159,5 +169,5 @@ def install(app: FastAPI) -> None:
     """Register the handlers; the request-context middleware answers anything that escapes."""
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]  # starlette's handler type is too narrow
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]  # idem
-    for cls in STATUS:
+    for cls in (*STATUS, OSError, sqlite3.Error):  # the last two: 507 when the disk is full, else 500
         app.add_exception_handler(cls, _mapped)

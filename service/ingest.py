@@ -2,20 +2,22 @@
 
 How a job runs (bounded memory whatever the body's size):
 1. The request handler streams the body (`request.stream()`) to a spool file in
-   ``data_dir/ingest/`` (one buffer of at most 1 MiB in RAM), then answers 202 with the job id:
-   the client has sent its body by then anyway, and the 202 does not wait for the encoding.
+   ``data_dir/ingest/`` (one buffer of at most 1 MiB in RAM), fsyncs it, records the job, then
+   answers 202 with the job id: from then on the job survives a crash or a restart.
 2. A worker thread reads the spool file line by line (each line at most `max_line_bytes`),
    validates each point, gathers `ingest_chunk_points` of them, encodes their texts, and
    upserts the chunk (atomic). A bad line is recorded (`{"line", "message"}`, the first 100
    kept) and skipped; the job goes on. The job's state is saved in SQLite after each chunk.
 3. Jobs run one at a time, in arrival order; the spool file is deleted when the job ends.
-After a restart, jobs left running read as failed with the points they had committed.
+A job that a stop or a crash interrupted is resumed by the next process from its last saved
+line (`recover`); upserts replace points by id, so re-reading a chunk is harmless.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import uuid
@@ -28,7 +30,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from index.errors import InvalidInput
+from index.errors import CollectionNotFound, InvalidInput, StorageFull
 from service.jobs import Job
 from service.registry import OpenCollection
 from service.schemas import PointIn, vector_array
@@ -50,17 +52,49 @@ class Ingestor:
         self._running: set[asyncio.Future[None]] = set()
         self.active: dict[str, Job] = {}  # jobs accepted and not finished, by id (live progress)
 
-    def clean_spool(self) -> None:
-        """Spool files of jobs a previous process did not finish (those jobs now read as failed)."""
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        for f in self.spool_dir.iterdir():
-            f.unlink()
+    async def recover(self) -> None:
+        """At start-up: resume the jobs a previous process accepted and did not finish, oldest
+        first; fail those whose spool file or collection is gone; delete every other spool file."""
+        store = self.runtime.job_store()
+        await run_in_threadpool(self.spool_dir.mkdir, parents=True, exist_ok=True)
+        resumed: set[Path] = set()
+        for job in await run_in_threadpool(store.unfinished):
+            path = self._spool_path(job.job_id)
+            try:
+                opened = self.runtime.registry.get(job.collection)
+            except CollectionNotFound:
+                opened = None
+            if opened is None or not path.is_file():
+                job.state, job.finished_at = "failed", time.time()
+                job.message = "interrupted, and its " + ("collection was dropped" if opened is None else "body is gone")
+                await run_in_threadpool(store.save, job)
+                continue
+            # Bad lines past the resume point were recorded but not committed: they are read again.
+            dropped = [e for e in job.errors if e["line"] > job.lines_read]
+            job.errors = [e for e in job.errors if e["line"] <= job.lines_read]
+            job.error_count -= len(dropped)
+            job.message = f"resumed after a restart from line {job.lines_read + 1}"
+            logger.info("ingestion job %s resumed from line %d", job.job_id, job.lines_read + 1)
+            resumed.add(path)
+            self._start(job, opened, path)
+        for f in await run_in_threadpool(lambda: list(self.spool_dir.iterdir())):
+            if f not in resumed:
+                f.unlink()
+
+    def _spool_path(self, job_id: str) -> Path:
+        return self.spool_dir / f"{job_id}.ndjson"
+
+    def _start(self, job: Job, opened: OpenCollection, path: Path) -> None:
+        self.active[job.job_id] = job
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, job, opened, path)
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
 
     async def accept(self, opened: OpenCollection, request: Request) -> tuple[Job, int]:
         """Spool the request body, register the job, start it; returns (job, bytes received)."""
         self.runtime.job_store()  # 503 before start-up opened it
         job = Job(job_id=uuid.uuid4().hex, collection=opened.name)
-        path = self.spool_dir / f"{job.job_id}.ndjson"
+        path = self._spool_path(job.job_id)
         received = 0
         f = await run_in_threadpool(open, path, "wb")
         try:
@@ -73,21 +107,18 @@ class Ingestor:
                     buffer.clear()
             if buffer:
                 await run_in_threadpool(f.write, bytes(buffer))
-            await run_in_threadpool(f.close)
-        except BaseException:  # client went away mid-body: no job
+            await run_in_threadpool(_sync_and_close, f, self.spool_dir)
+        except BaseException:  # client went away mid-body, or the disk is full: no job
             f.close()
             path.unlink(missing_ok=True)
             raise
         await run_in_threadpool(self.runtime.job_store().save, job)
-        self.active[job.job_id] = job
-        future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, job, opened, path)
-        self._running.add(future)
-        future.add_done_callback(self._running.discard)
+        self._start(job, opened, path)
         logger.info("ingestion job %s accepted: %d bytes for %s", job.job_id, received, opened.name)
         return job, received
 
     async def stop(self) -> None:
-        """Stop after the chunk being committed; unfinished jobs end as failed."""
+        """Stop after the chunk being committed; unfinished jobs resume at the next start."""
         self._stop.set()
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
@@ -96,53 +127,73 @@ class Ingestor:
     # -- the worker thread ----------------------------------------------------------------
     def _run(self, job: Job, opened: OpenCollection, path: Path) -> None:
         jobs = self.runtime.job_store()
-        job.started_at = time.time()
-        jobs.save(job)
+        if job.started_at is None:
+            job.started_at = time.time()
+            jobs.save(job)
         try:
             with open(path, "rb") as f:
                 self._process(job, opened, f)
-            if self._stop.is_set():
-                job.state, job.message = "failed", "interrupted by shutdown; points_committed were kept"
-            else:
-                job.state = "completed"
+            if self._stop.is_set():  # stays running, with its spool file: the next start resumes it
+                job.message = f"paused by a shutdown after line {job.lines_read}; resumes at the next start"
+                jobs.save(job)
+                self.active.pop(job.job_id, None)
+                return
+            job.state = "completed"
         except Exception as exc:
             logger.exception("ingestion job %s failed", job.job_id)
             job.state = "failed"
-            job.message = f"stopped after {job.lines_read} lines: {type(exc).__name__}"
-        finally:
-            job.finished_at = time.time()
+            why = str(exc) if isinstance(exc, StorageFull) else type(exc).__name__
+            job.message = f"stopped after {job.lines_read} lines: {why}"
+        job.finished_at = time.time()
+        self.active.pop(job.job_id, None)
+        try:
             jobs.save(job)
-            path.unlink(missing_ok=True)
-            self.active.pop(job.job_id, None)
-            logger.info(
-                "ingestion job %s %s: %d lines, %d points, %d bad lines, %.0f points/s",
-                job.job_id, job.state, job.lines_read, job.points_committed, job.error_count, job.rate_per_s,
-            )
+        except Exception:  # a full disk, say: still "running" on disk, so the next start resumes it
+            logger.exception("ingestion job %s: its end could not be recorded; the next start resumes it", job.job_id)
+            return
+        path.unlink(missing_ok=True)
+        logger.info(
+            "ingestion job %s %s: %d lines, %d points, %d bad lines, %.0f points/s",
+            job.job_id, job.state, job.lines_read, job.points_committed, job.error_count, job.rate_per_s,
+        )
 
     def _process(self, job: Job, opened: OpenCollection, f: BinaryIO) -> None:
+        """Lines after ``job.lines_read`` (0, or where an interrupted run left off) to the end.
+
+        ``job.lines_read`` is saved with each chunk as the last line accounted for (committed or
+        recorded as bad), so that a resumed job neither skips nor double-counts a line.
+        """
         settings = self.runtime.settings
         chunk: dict[Any, tuple[int, PointIn]] = {}  # id -> (line number, point)
+        done = job.lines_read
         for number, line in _lines(f, settings.max_line_bytes):
+            if number <= done:
+                continue
             if self._stop.is_set():
+                job.lines_read = done
                 return
-            job.lines_read = number
+            job.lines_read = number  # live progress; set back to `done` before each save
             if line is None:
                 self._fail(job, number, f"line longer than {settings.max_line_bytes} bytes (--max-line-bytes)")
-                continue
-            if not line.strip():
-                continue
-            try:
-                point = PointIn.model_validate_json(line)
-            except ValidationError as exc:
-                self._fail(job, number, _first_problem(exc))
-                continue
-            if point.id in chunk:  # same id twice in a chunk: the later line wins, as if one by one
-                self._commit(job, opened, chunk)
-            chunk[point.id] = (number, point)
-            if len(chunk) >= settings.ingest_chunk_points:
-                self._commit(job, opened, chunk)
+            elif line.strip():
+                try:
+                    point = PointIn.model_validate_json(line)
+                except ValidationError as exc:
+                    self._fail(job, number, _first_problem(exc))
+                else:
+                    if point.id in chunk:  # same id twice in a chunk: the later line wins, as if one by one
+                        job.lines_read = done = number - 1
+                        self._commit(job, opened, chunk)
+                        job.lines_read = number
+                    chunk[point.id] = (number, point)
+                    if len(chunk) >= settings.ingest_chunk_points:
+                        self._commit(job, opened, chunk)
+            if not chunk:
+                done = number
         if chunk and not self._stop.is_set():
             self._commit(job, opened, chunk)
+        elif chunk:
+            job.lines_read = done
 
     def _commit(self, job: Job, opened: OpenCollection, chunk: dict[Any, tuple[int, PointIn]]) -> None:
         entries = list(chunk.values())
@@ -258,6 +309,18 @@ class Ingestor:
     def _fail(self, job: Job, number: int, message: str) -> None:
         job.add_error(number, message)
         self.runtime.metrics.ingest_failed_lines.inc()
+
+
+def _sync_and_close(f: BinaryIO, directory: Path) -> None:
+    """Make a just-written spool file durable (its data and its directory entry), then close it."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _lines(f: BinaryIO, limit: int) -> Any:

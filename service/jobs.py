@@ -1,9 +1,10 @@
 """Ingestion jobs' state, persisted in SQLite (``data_dir/jobs.sqlite``).
 
-A job is written when it is accepted and after every committed chunk, so that after a crash
-or restart `mark_interrupted` turns every job still ``running`` into ``failed`` and its
-``points_committed`` says how far it got (give or take the one chunk committed to the
-collection but not yet recorded here).
+A job is written when it is accepted (after its spooled body is on disk) and after every
+committed chunk, with ``lines_read`` = the lines accounted for so far (committed or recorded as
+bad). A job still ``running`` when the process stopped or crashed is resumed by the next
+process from that line (``Ingestor.recover``); upserts replace points by id, so a chunk
+committed but not yet recorded here is simply written again.
 """
 
 from __future__ import annotations
@@ -83,20 +84,26 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA synchronous=FULL")  # a 202 promises the job survives a power cut
         conn.execute(_SCHEMA)
-        store = cls(conn)
-        store.mark_interrupted()
-        return store
+        return cls(conn)
 
-    def mark_interrupted(self) -> int:
-        """Jobs left running by a previous process are failed; returns how many."""
+    def unfinished(self) -> list[Job]:
+        """Jobs a previous process accepted and did not finish, oldest first."""
         with self._lock:
-            cur = self._conn.execute(
-                "UPDATE jobs SET state='failed', finished_at=?, message=? WHERE state='running'",
-                (time.time(), "interrupted by a server restart; points_committed were kept"),
-            )
-            return cur.rowcount
+            ids = [r[0] for r in self._conn.execute(
+                "SELECT job_id FROM jobs WHERE state='running' ORDER BY created_at"
+            ).fetchall()]
+        return [job for job in map(self.get, ids) if job is not None]
+
+    def recent(self, *, state: str | None, limit: int) -> list[Job]:
+        """The newest ``limit`` jobs, newest first, of one state or any."""
+        where, params = ("WHERE state=?", [state]) if state else ("", [])
+        with self._lock:
+            ids = [r[0] for r in self._conn.execute(
+                f"SELECT job_id FROM jobs {where} ORDER BY created_at DESC LIMIT ?", [*params, limit]
+            ).fetchall()]
+        return [job for job in map(self.get, ids) if job is not None]
 
     def save(self, job: Job) -> None:
         with self._lock:

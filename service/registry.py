@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -26,8 +27,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from index import Collection, CollectionConfig
-from index.errors import CollectionNotFound
-from service.errors import BadRequest, ConfigConflict
+from index.errors import CollectionNotFound, TandemError
+from service.errors import BadRequest, CollectionUnavailable, ConfigConflict
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class CollectionRegistry:
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir) / "collections"
         self._open: dict[str, OpenCollection] = {}
+        #: collections whose files could not be opened at start-up, with why (503 until dropped)
+        self.broken: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def open_all(self) -> list[str]:
@@ -98,8 +101,13 @@ class CollectionRegistry:
                 logger.warning("removing %s: its creation was interrupted", entry)
                 shutil.rmtree(entry, ignore_errors=True)
                 continue
-            meta = json.loads(meta_path.read_text())
-            collection = Collection.open(entry / INDEX_DIR)
+            try:
+                meta = json.loads(meta_path.read_text())
+                collection = Collection.open(entry / INDEX_DIR)
+            except (ValueError, OSError, sqlite3.Error, TandemError) as exc:  # one damaged collection, not all
+                self.broken[entry.name] = f"{type(exc).__name__}: {exc}"
+                logger.error("collection %s cannot be opened and is unavailable: %s", entry.name, exc)
+                continue
             self._open[entry.name] = OpenCollection(
                 entry.name, collection, meta.get("encoder"), float(meta.get("created_at", 0))
             )
@@ -114,8 +122,16 @@ class CollectionRegistry:
         with self._lock:
             found = self._open.get(name)
         if found is None:
+            if name in self.broken:
+                raise self._unavailable(name)
             raise CollectionNotFound(f"no collection named {name!r}: create it with PUT /collections/{name}")
         return found
+
+    def _unavailable(self, name: str) -> CollectionUnavailable:
+        return CollectionUnavailable(
+            f"collection {name!r} could not be opened at start-up ({self.broken[name]}): restore its "
+            f"folder from a backup and restart, or drop it with DELETE /collections/{name}"
+        )
 
     def create(self, name: str, config: CollectionConfig, encoder: str | None) -> tuple[OpenCollection, bool]:
         """The collection and True when created; the existing one and False when identical.
@@ -124,6 +140,8 @@ class CollectionRegistry:
         """
         check_name(name)
         with self._lock:
+            if name in self.broken:  # its files are kept until it is dropped
+                raise self._unavailable(name)
             existing = self._open.get(name)
             if existing is not None:
                 if existing.same_as(config, encoder):
@@ -148,12 +166,15 @@ class CollectionRegistry:
     def drop(self, name: str) -> None:
         with self._lock:
             opened = self._open.pop(name, None)
-            if opened is None:
+            broken = self.broken.pop(name, None)
+            if opened is None and broken is None:
                 raise CollectionNotFound(f"no collection named {name!r}")
-            opened.dropped = True
+            if opened is not None:
+                opened.dropped = True
         # Close first (it waits for in-flight searches: the collection's write lock), then
         # rename: a crash in between leaves the collection whole, as if never dropped.
-        opened.collection.close(checkpoint=False)
+        if opened is not None:
+            opened.collection.close(checkpoint=False)
         trash = self.root / f".{name}.dropping-{uuid.uuid4().hex[:8]}"
         os.rename(self.root / name, trash)
         shutil.rmtree(trash, ignore_errors=True)

@@ -76,7 +76,6 @@ class Runtime:
                 self.metrics.set_points(name, self.registry.get(name).collection.count())
             self.jobs = await run_in_threadpool(JobStore.open, self.settings.data_dir / "jobs.sqlite")
             self.ingestor = Ingestor(self)
-            await run_in_threadpool(self.ingestor.clean_spool)
             if self.settings.model_dir is not None:
                 encoder = await run_in_threadpool(
                     TextEncoder.load, self.settings.model_dir, threads=self.settings.encoder_threads,
@@ -98,6 +97,7 @@ class Runtime:
                 _encoder_device(self.settings.device, next(iter(self.encoders.values()), None)),
                 coarse_device.device, coarse_device.reason,
             )
+            await self.ingestor.recover()  # after the encoder: resumed jobs may hold text
             self.metrics.watch_queue(self.queue_depth)
             self.ready = True
             self.metrics.ready.set(1)

@@ -97,6 +97,9 @@ class CollectionCreated(BaseModel):
 
 class CollectionList(BaseModel):
     collections: list[CollectionInfo]
+    unavailable: dict[str, str] = Field(
+        default_factory=dict, description="collections that could not be opened at start-up, with why"
+    )
 
 
 class Dropped(BaseModel):
@@ -223,3 +226,7 @@ class JobState(BaseModel):
     message: str | None = Field(None, description="why a failed job failed")
     created_at: float
     finished_at: float | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobState]

@@ -38,14 +38,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data_dir: Path, models_dir: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, models_dir: Path, *flags: str, env: dict[str, str] | None = None,
+                 log_dir: Path | None = None) -> None:
         self.data_dir = data_dir
         self.models_dir = models_dir
         self.flags = flags
         self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = data_dir.parent / f"{data_dir.name}-server-{self.port}.log"
+        self.log_path = (log_dir or data_dir.parent) / f"{data_dir.name}-server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait_ready: bool = True, timeout: float = 90.0) -> Server:

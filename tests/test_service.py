@@ -409,11 +409,9 @@ def test_full_queue_answers_429(locked_server: Server) -> None:
 
 
 def test_readyz_503_when_startup_fails(tmp_path: Any, models_dir: Any) -> None:
-    data = tmp_path / "data"
-    broken = data / "collections" / "broken"
-    (broken / "index").mkdir(parents=True)
-    (broken / "service.json").write_text('{"name": "broken", "encoder": null, "created_at": 0}')
-    (broken / "index" / "catalog.sqlite").write_bytes(b"this is not a sqlite file" * 100)
+    data = tmp_path / "data"  # a damaged collection does not stop start-up (test_reliability); a damaged job store does
+    data.mkdir()
+    (data / "jobs.sqlite").write_bytes(b"this is not a sqlite file" * 100)
     srv = Server(data, models_dir, "--encoder", "").start(wait_ready=False)
     try:
         with srv.client() as c:

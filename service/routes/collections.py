@@ -42,7 +42,10 @@ async def create_collection(
 @router.get("", response_model=CollectionList, summary="every collection, with counts")
 async def list_collections(runtime: ReadyRuntime) -> CollectionList:
     opened = [runtime.registry.get(n) for n in runtime.registry.names()]
-    return CollectionList(collections=await run_in_threadpool(lambda: [info(o) for o in opened]))
+    return CollectionList(
+        collections=await run_in_threadpool(lambda: [info(o) for o in opened]),
+        unavailable=dict(runtime.registry.broken),
+    )
 
 
 @router.get("/{name}", response_model=CollectionInfo, summary="config and counts (points, RAM, disk)")
@@ -51,7 +54,7 @@ async def get_collection(opened: CollectionDep) -> CollectionInfo:
 
 
 @router.delete("/{name}", response_model=Dropped, summary="drop a collection and its files")
-async def drop_collection(opened: CollectionDep, runtime: ReadyRuntime) -> Dropped:
-    await run_in_threadpool(runtime.registry.drop, opened.name)
-    runtime.metrics.forget_collection(opened.name)
-    return Dropped(name=opened.name)
+async def drop_collection(name: CollectionName, runtime: ReadyRuntime) -> Dropped:
+    await run_in_threadpool(runtime.registry.drop, check_name(name))  # also one that failed to open
+    runtime.metrics.forget_collection(name)
+    return Dropped(name=name)

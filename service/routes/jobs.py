@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import CollectionDep, ReadyRuntime
 from service.errors import NotFound
-from service.schemas import JobAccepted, JobState
+from service.schemas import JobAccepted, JobList, JobState
 
 router = APIRouter(tags=["ingestion"])
+
+JobStateName = Literal["running", "completed", "failed"]
 
 _NDJSON_BODY = {
     "requestBody": {
@@ -29,6 +33,17 @@ _NDJSON_BODY = {
 async def ingest(request: Request, opened: CollectionDep, runtime: ReadyRuntime) -> JobAccepted:
     job, received = await runtime.job_runner().accept(opened, request)
     return JobAccepted(job_id=job.job_id, bytes_received=received)
+
+
+@router.get("/jobs", response_model=JobList, summary="the newest ingestion jobs, newest first")
+async def list_jobs(
+    runtime: ReadyRuntime,
+    state: Annotated[JobStateName | None, Query(description="only jobs in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JobList:
+    jobs = await run_in_threadpool(runtime.job_store().recent, state=state, limit=limit)
+    active = runtime.ingestor.active if runtime.ingestor is not None else {}
+    return JobList(jobs=[JobState.model_validate(active.get(j.job_id, j).to_dict()) for j in jobs])
 
 
 @router.get("/jobs/{job_id}", response_model=JobState, summary="progress and bad lines of an ingestion job")
