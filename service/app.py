@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 
@@ -15,6 +16,7 @@ from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.routes import collections, health, jobs, points, search
 from service.runtime import Runtime
+from service.schemas import ErrorBody
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,26 @@ Every error body is `{"error": {"type", "message", "request_id"}}`; every respon
 `x-request-id`. When the server has an API key, every route but `/livez`, `/readyz` and
 `/metrics` needs `Authorization: Bearer <key>`.
 """
+
+
+#: What any route behind the API key may answer besides its own success: the one error shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "malformed request: not JSON, invalid UTF-8, an unsafe collection name",
+        401: "missing or wrong API key",
+        404: "no such collection, point, job or route",
+        405: "method not allowed on this route",
+        409: "a collection of that name exists with another configuration",
+        413: "body or batch over the configured limits",
+        415: "unsupported content type",
+        422: "well-formed but invalid: wrong dimension, NaN, bad filter, k out of range...",
+        429: "overloaded: the search queue is full; retry later",
+        500: "a bug: the log holds the details under the request id",
+        503: "starting, shutting down, an encoder or a collection unavailable",
+        507: "the data volume is full: nothing of the request was written",
+    }.items()
+}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -54,7 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     protected = [Depends(require_api_key)]
     for router in (collections.router, points.router, search.router, jobs.router):
-        app.include_router(router, dependencies=protected, responses={401: {"description": "missing or wrong API key"}})
+        app.include_router(router, dependencies=protected, responses=ERROR_RESPONSES)
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
         access_log=settings.access_log,

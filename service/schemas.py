@@ -228,5 +228,17 @@ class JobState(BaseModel):
     finished_at: float | None
 
 
+class ErrorDetail(BaseModel):
+    type: str = Field(..., description="snake_case error type, e.g. dimension_mismatch")
+    message: str = Field(..., description="what was wrong and how to fix it")
+    request_id: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    error: ErrorDetail
+
+
 class JobList(BaseModel):
     jobs: list[JobState]

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, Response
 from service.deps import RuntimeDep
 from service.errors import NotReady, error_body, type_name
 from service.metrics import CONTENT_TYPE
-from service.schemas import Status
+from service.schemas import ErrorBody, Status
 
 router = APIRouter(tags=["health"])
 
@@ -20,7 +20,7 @@ async def livez() -> Status:
 
 @router.get(
     "/readyz", response_model=Status, summary="ready to serve",
-    responses={503: {"description": "still loading, shutting down, or start-up failed"}},
+    responses={503: {"model": ErrorBody, "description": "still loading, shutting down, or start-up failed"}},
 )
 async def readyz(runtime: RuntimeDep) -> Status | JSONResponse:
     try:
