@@ -33,7 +33,10 @@ from benchmarks.corpora import RESULTS, gloss_embeddings, gloss_texts, machine, 
 from benchmarks.service_bench import BATCH, Conn, b64, call, request_bytes, send_all, start_server
 
 WINDOW_S = 30.0
-MAX_CONNECTIONS = 512
+MAX_CONNECTIONS = 2048
+#: uvicorn closes a keep-alive connection idle for 5 s; like HTTP client libraries, the pool
+#: drops its idle connections before that instead of sending on one the server is closing.
+IDLE_S = 4.0
 
 
 class Mix:
@@ -65,23 +68,36 @@ class Mix:
 
 
 class Pool:
-    """Idle keep-alive connections; a new one when none is idle (up to MAX_CONNECTIONS)."""
+    """Idle keep-alive connections; a new one when none is idle, up to MAX_CONNECTIONS open."""
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.idle: list[Conn] = []
-        self.opened = 0
+        self.idle: list[tuple[float, Conn]] = []
+        self.open = 0
 
-    async def get(self) -> Conn:
-        if self.idle:
-            return self.idle.pop()
-        if self.opened >= MAX_CONNECTIONS:
-            raise RuntimeError(f"more than {MAX_CONNECTIONS} requests outstanding: the server stopped answering")
-        self.opened += 1
-        return await Conn.open(self.port)
+    async def get(self) -> Conn | None:
+        """A connection, or None when MAX_CONNECTIONS requests are already outstanding."""
+        now = time.perf_counter()
+        while self.idle:
+            since, conn = self.idle.pop()
+            if now - since < IDLE_S:
+                return conn
+            self.close(conn)
+        if self.open >= MAX_CONNECTIONS:
+            return None
+        self.open += 1
+        try:
+            return await Conn.open(self.port)
+        except OSError:
+            self.open -= 1
+            raise
 
     def put(self, conn: Conn) -> None:
-        self.idle.append(conn)
+        self.idle.append((time.perf_counter(), conn))
+
+    def close(self, conn: Conn) -> None:
+        conn.close()
+        self.open -= 1
 
 
 async def closed_loop_mix(port: int, mix: Mix, clients: int, seconds: float) -> float:
@@ -108,23 +124,31 @@ async def open_loop(
     port: int, mix: Mix, rate: float, seconds: float, *, timeout: float = 30.0
 ) -> list[tuple[float, str, int, float]]:
     """Send at `rate` requests/s on a fixed schedule for `seconds`; returns (sent at, kind,
-    status, latency s) per request; status 0 = no answer within `timeout`, -1 = connection error."""
+    status, latency s) per request; status 0 = no answer within `timeout`, -1 = connection error,
+    -2 = not sent: MAX_CONNECTIONS requests outstanding."""
     pool = Pool(port)
     records: list[tuple[float, str, int, float]] = []
     tasks: set[asyncio.Task[None]] = set()
     t0 = time.perf_counter()
 
     async def one(kind: str, body: bytes, sent: float) -> None:
-        conn = await pool.get()
+        try:
+            conn = await pool.get()
+        except OSError:
+            records.append((sent - t0, kind, -1, time.perf_counter() - sent))
+            return
+        if conn is None:
+            records.append((sent - t0, kind, -2, 0.0))
+            return
         try:
             status, _ = await asyncio.wait_for(conn.send(body), timeout)
         except TimeoutError:
             records.append((sent - t0, kind, 0, time.perf_counter() - sent))
-            conn.close()
+            pool.close(conn)
             return
         except (OSError, asyncio.IncompleteReadError):
             records.append((sent - t0, kind, -1, time.perf_counter() - sent))
-            conn.close()
+            pool.close(conn)
             return
         records.append((sent - t0, kind, status, time.perf_counter() - sent))
         pool.put(conn)
@@ -141,16 +165,20 @@ async def open_loop(
         i += 1
     if tasks:
         await asyncio.gather(*tasks)
-    for c in pool.idle:
+    for _, c in pool.idle:
         c.close()
     return records
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int) -> tuple[int, int]:
+    """Resident bytes of the process: all of it, and the anonymous part (heap, not file pages:
+    vectors read through the memory map count in the first, and the kernel may drop them)."""
+    fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["RssAnon"]
 
 
 def windows(records: list[tuple[float, str, int, float]], width: float) -> list[dict[str, Any]]:
@@ -213,13 +241,13 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
     out["calibration"] = {"clients": 16, "seconds": args.calibrate_s, "max_ok_per_s": round(capacity, 1)}
     print(f"capacity {capacity:.1f} requests/s; soaking at {rate:.1f}/s for {args.minutes} min", flush=True)
 
-    memory: list[tuple[float, int]] = []
+    memory: list[tuple[float, int, int]] = []
     stop = asyncio.Event()
     t0 = time.perf_counter()
 
     async def sample() -> None:
         while not stop.is_set():
-            memory.append((time.perf_counter() - t0, rss_bytes(pid)))
+            memory.append((time.perf_counter() - t0, *rss_bytes(pid)))
             try:
                 await asyncio.wait_for(stop.wait(), 2.0)
             except TimeoutError:
@@ -235,9 +263,13 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
     for r in records:
         statuses[str(r[2])] = statuses.get(str(r[2]), 0) + 1
     per_window = windows(records, WINDOW_S)
-    minute = [m for t, m in memory if t <= 60]
-    rss_first_min = float(np.median(minute)) if minute else float(memory[0][1])
-    rss_last = float(np.median([m for t, m in memory if t >= memory[-1][0] - 60]))
+    def growth(column: int) -> tuple[float, float]:
+        first = float(np.median([m[column] for m in memory if m[0] <= 60]))
+        last = float(np.median([m[column] for m in memory if m[0] >= memory[-1][0] - 60]))
+        return first, last
+
+    rss_first_min, rss_last = growth(1)
+    anon_first_min, anon_last = growth(2)
     ok = [r for r in records if r[2] == 200]
     first = np.array([r[3] for r in ok if r[0] < 60]) * 1000
     last = np.array([r[3] for r in ok if r[0] >= args.minutes * 60 - 60]) * 1000
@@ -256,9 +288,11 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
         "p99_last_minute_ms": round(float(np.percentile(last, 99)), 2) if len(last) else None,
         "rss_first_minute_mb": round(rss_first_min / 2**20, 1), "rss_last_minute_mb": round(rss_last / 2**20, 1),
         "rss_growth": round(rss_last / rss_first_min - 1, 4),
+        "anon_first_minute_mb": round(anon_first_min / 2**20, 1), "anon_last_minute_mb": round(anon_last / 2**20, 1),
+        "anon_growth": round(anon_last / anon_first_min - 1, 4),
         "ingest_jobs": {"sent": len(job_list), "states": {s: job_states.count(s) for s in set(job_states)}},
         "windows": per_window,
-        "memory": [(round(t, 1), m) for t, m in memory],
+        "memory": [(round(t, 1), rss, anon) for t, rss, anon in memory],
     }
     print({k: v for k, v in out["soak"].items() if k not in ("windows", "memory")}, flush=True)
 
@@ -294,10 +328,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax1.set_title(f"soak at {soak['rate_per_s']} req/s (mix: 70% text, 20% vector search, 10% upsert)")
     ax1.legend()
     mem = soak["memory"]
-    ax2.plot([t / 60 for t, _ in mem], [m / 2**20 for _, m in mem])
+    ax2.plot([m[0] / 60 for m in mem], [m[1] / 2**20 for m in mem], label="RSS")
+    ax2.plot([m[0] / 60 for m in mem], [m[2] / 2**20 for m in mem], label="anonymous (heap)")
     ax2.set_xlabel("minutes")
-    ax2.set_ylabel("server RSS, MiB")
-    ax2.set_title(f"resident memory: {soak['rss_growth'] * 100:+.1f}% last vs first minute")
+    ax2.set_ylabel("server resident memory, MiB")
+    ax2.set_title(f"last vs first minute: RSS {soak['rss_growth'] * 100:+.1f}%, "
+                  f"anonymous {soak['anon_growth'] * 100:+.1f}%")
+    ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

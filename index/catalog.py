@@ -48,10 +48,14 @@ class Catalog:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a returned commit survives power loss and SIGKILL, not only the process.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a returned commit survives power loss and SIGKILL, not only the process.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except BaseException:
+            self._db.close()
+            raise
         # Searches run in many threads at once: each gets its own read connection (WAL readers
         # do not block each other nor the writer).
         self._local = threading.local()
@@ -221,7 +225,16 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        if exc_type is not None:
+            if self._db.in_transaction:  # SQLite may have rolled back already (a full disk, say)
+                self._db.execute("ROLLBACK")
+            return
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # leave no transaction open for the next writer
+                self._db.execute("ROLLBACK")
+            raise
 
 
 def _load(payload: str | None) -> dict[str, Any] | None:

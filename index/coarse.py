@@ -13,6 +13,7 @@ comes from concurrent searches in separate threads instead.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -24,6 +25,8 @@ import numpy as np
 
 from index import device
 from index.config import CollectionConfig
+
+logger = logging.getLogger(__name__)
 
 Chunks = Iterable[tuple[int, np.ndarray]]  # (first_row, (c, dim) float32) from DenseStore.scan
 Scan = Callable[[], Chunks]  # a fresh pass over all rows each call
@@ -401,7 +404,10 @@ class PQCoarse:
         self._gpu_index = None
         # GPU IVF searches probe at most GPU_MAX_K lists; a wider probe stays on the CPU.
         if gpu is not None and self.index is not None and self.index.nprobe <= device.GPU_MAX_K:
-            self._gpu_index = gpu.ivf_copy(self.index)
+            try:
+                self._gpu_index = gpu.ivf_copy(self.index)
+            except RuntimeError as exc:  # e.g. a sub-quantizer count faiss's GPU IVF-PQ lacks
+                logger.warning("PQ coarse stage stays on the CPU: faiss could not copy it to the GPU (%s)", exc)
 
     def candidates(
         self,

@@ -152,6 +152,8 @@ class Collection:
         try:
             catalog = Catalog(path / CATALOG)
         except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) not in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+                raise  # locked, unreadable, a full disk: not a damaged collection
             raise CorruptIndex(
                 f"{path / CATALOG} is not a readable SQLite database ({exc}): restore the collection from a backup"
             ) from None
@@ -468,7 +470,7 @@ class Collection:
         checkpoint rebuilds it from the vectors, so a full disk here costs time, not data."""
         try:
             self._write_coarse()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # faiss.write_index raises RuntimeError
             logger.warning("coarse checkpoint of %s not written (%s); it is rebuilt on open", self.path, exc)
             for f in self.path.glob("coarse.*.tmp"):
                 f.unlink(missing_ok=True)

@@ -100,7 +100,9 @@ class FaissGpu:
 
     def binary_flat(self, bits: int) -> GpuIndex:
         """An empty flat Hamming index for ``bits``-bit codes."""
-        return GpuIndex(self._binary_flat(bits), self._lock)
+        with self._lock:
+            index = self._binary_flat(bits)
+        return GpuIndex(index, self._lock)
 
     def ivf_copy(self, index: Any) -> GpuIndex:
         """A GPU copy of a trained CPU IVF index (contents and nprobe)."""

@@ -74,6 +74,8 @@ def is_storage_full(exc: BaseException) -> bool:
     """Whether ``exc`` is the operating system or SQLite saying there is no room to write."""
     if isinstance(exc, StorageFull):
         return True
+    if exc.__context__ is not None and exc.__context__ is not exc and is_storage_full(exc.__context__):
+        return True
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     if isinstance(exc, sqlite3.Error):

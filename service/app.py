@@ -79,6 +79,6 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(router, dependencies=protected, responses=ERROR_RESPONSES)
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
-        access_log=settings.access_log,
+        access_log=settings.access_log, max_in_flight=settings.max_in_flight,
     )
     return app

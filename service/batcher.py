@@ -45,6 +45,11 @@ class MicroBatcher(Generic[T, R]):
     max_wait_ms: once the first item of a batch arrives, how long to wait for more.
     max_queue: most items waiting (not yet handed to `fn`); beyond it `submit` raises
         `Overloaded` at once instead of queueing.
+    max_delay_ms: most time an item may expect to wait: `submit` raises `Overloaded` at once
+        when the items ahead of it, at the rate `fn` has been getting through them (a moving
+        average), would take longer. Past capacity this sheds load within milliseconds and
+        keeps the latency of what is accepted bounded, where a count alone lets the queue hold
+        seconds of work. 0: no such limit.
 
     Create it inside a running event loop (for example in the app's lifespan); call
     `await close()` at shutdown: it stops accepting work, finishes what is queued, and stops
@@ -58,6 +63,7 @@ class MicroBatcher(Generic[T, R]):
         max_batch: int = 32,
         max_wait_ms: float = 2.0,
         max_queue: int = 1024,
+        max_delay_ms: float = 0.0,
         name: str = "batcher",
     ) -> None:
         if max_batch < 1:
@@ -70,7 +76,9 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.max_delay_s = max_delay_ms / 1000.0
         self.name = name
+        self.rate: float | None = None  # items per second through fn, moving average
         self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._closing = False
@@ -87,8 +95,14 @@ class MicroBatcher(Generic[T, R]):
         """Queue one item and wait for its result; raises what `fn` raised for its batch."""
         if self._closing:
             raise BatcherClosed(f"{self.name} is closed")
-        if self._queue.qsize() >= self.max_queue:
+        depth = self._queue.qsize()
+        if depth >= self.max_queue:
             raise Overloaded(f"{self.name}: {self.max_queue} items already queued; retry later")
+        if self.max_delay_s and self.rate and depth / self.rate > self.max_delay_s:  # never with none ahead
+            raise Overloaded(
+                f"{self.name}: {depth} items queued, about {1000 * depth / self.rate:.0f} ms of work at "
+                f"{self.rate:.0f} items/s, over the {1000 * self.max_delay_s:.0f} ms limit; retry later"
+            )
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(item, future))
         return await future
@@ -148,8 +162,11 @@ class MicroBatcher(Generic[T, R]):
         self.batches += 1
         self.last_batch_size = len(live)
         items = [p.item for p in live]
+        started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self._fn, items)
+            rate = len(items) / max(time.perf_counter() - started, 1e-6)
+            self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
             if len(results) != len(items):
                 raise RuntimeError(
                     f"{self.name}: batch function returned {len(results)} results "

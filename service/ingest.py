@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from index.errors import CollectionNotFound, InvalidInput, StorageFull
+from service.errors import CollectionUnavailable
 from service.jobs import Job
 from service.registry import OpenCollection
 from service.schemas import PointIn, vector_array
@@ -62,6 +63,10 @@ class Ingestor:
             path = self._spool_path(job.job_id)
             try:
                 opened = self.runtime.registry.get(job.collection)
+            except CollectionUnavailable:  # damaged on disk: wait, running, for a restore and restart
+                logger.warning("ingestion job %s waits: collection %s is unavailable", job.job_id, job.collection)
+                resumed.add(path)
+                continue
             except CollectionNotFound:
                 opened = None
             if opened is None or not path.is_file():
@@ -127,10 +132,10 @@ class Ingestor:
     # -- the worker thread ----------------------------------------------------------------
     def _run(self, job: Job, opened: OpenCollection, path: Path) -> None:
         jobs = self.runtime.job_store()
-        if job.started_at is None:
-            job.started_at = time.time()
-            jobs.save(job)
         try:
+            if job.started_at is None:
+                job.started_at = time.time()
+                jobs.save(job)
             with open(path, "rb") as f:
                 self._process(job, opened, f)
             if self._stop.is_set():  # stays running, with its spool file: the next start resumes it
@@ -145,12 +150,13 @@ class Ingestor:
             why = str(exc) if isinstance(exc, StorageFull) else type(exc).__name__
             job.message = f"stopped after {job.lines_read} lines: {why}"
         job.finished_at = time.time()
-        self.active.pop(job.job_id, None)
         try:
             jobs.save(job)
         except Exception:  # a full disk, say: still "running" on disk, so the next start resumes it
             logger.exception("ingestion job %s: its end could not be recorded; the next start resumes it", job.job_id)
+            self.active.pop(job.job_id, None)
             return
+        self.active.pop(job.job_id, None)  # after the save: GET /jobs/{id} never goes back to running
         path.unlink(missing_ok=True)
         logger.info(
             "ingestion job %s %s: %d lines, %d points, %d bad lines, %.0f points/s",

@@ -7,6 +7,9 @@ metrics, access log, and the last-resort 500.
   reading a chunked body), except on the streamed NDJSON ingestion route.
 - One Prometheus observation per request, labelled by route template (``/collections/{name}``),
   never by raw path, so label values stay a small set.
+- At most `max_in_flight` requests are handled at once; one more is answered 429 before its body
+  is read (the probes and /metrics are never refused), so that past capacity the server sheds
+  load at the cost of a few microseconds per request instead of queueing it for seconds.
 """
 
 from __future__ import annotations
@@ -27,14 +30,19 @@ logger = logging.getLogger("service.access")
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _STREAMED_SUFFIX = "/ingest"
+_NEVER_REFUSED = frozenset({"/livez", "/readyz", "/metrics"})
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, access_log: bool) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, access_log: bool, max_in_flight: int
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,8 +64,15 @@ class RequestContextMiddleware:
             await send(message)
 
         limited = not scope["path"].endswith(_STREAMED_SUFFIX)
+        counted = scope["path"] not in _NEVER_REFUSED  # probes and scrapes neither count nor wait
+        self.in_flight += counted
         try:
-            if limited and _content_length(scope) > self.max_body_bytes:
+            if counted and self.in_flight > self.max_in_flight:
+                await error_response(
+                    429, "overloaded",
+                    f"{self.max_in_flight} requests already in progress (--max-in-flight); retry later",
+                )(scope, receive, send_with_id)
+            elif limited and _content_length(scope) > self.max_body_bytes:
                 await self._too_large(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._counting(receive) if limited else receive, send_with_id)
@@ -66,6 +81,7 @@ class RequestContextMiddleware:
             if not started:
                 await internal_error_response()(scope, receive, send_with_id)
         finally:
+            self.in_flight -= counted
             elapsed = time.perf_counter() - start
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"

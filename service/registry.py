@@ -121,9 +121,10 @@ class CollectionRegistry:
     def get(self, name: str) -> OpenCollection:
         with self._lock:
             found = self._open.get(name)
+            unavailable = self._unavailable(name) if found is None and name in self.broken else None
+        if unavailable is not None:
+            raise unavailable
         if found is None:
-            if name in self.broken:
-                raise self._unavailable(name)
             raise CollectionNotFound(f"no collection named {name!r}: create it with PUT /collections/{name}")
         return found
 

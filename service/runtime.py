@@ -90,6 +90,7 @@ class Runtime:
                     max_batch=self.settings.encode_batch_size,
                     max_wait_ms=self.settings.batch_wait_ms,
                     max_queue=self.settings.search_queue_size,
+                    max_delay_ms=self.settings.max_queue_delay_ms,
                     name="query-encoder",
                 )
             logger.info(

@@ -68,6 +68,16 @@ class Settings(BaseSettings):
         description="points parsed, encoded and committed together by an ingestion job (texts are sorted by "
         "length within a chunk: 512 encoded glosses at 0.77x the rate of one sort over 3,000, 2048 at 0.95x)",
     )
+    max_in_flight: int = Field(
+        512, ge=1, le=1_000_000,
+        description="most requests handled at once; one more is answered 429 before its body is read "
+        "(never /livez, /readyz, /metrics)",
+    )
+    max_queue_delay_ms: float = Field(
+        500, ge=0, le=600_000,
+        description="429 at once for a text search that would wait longer than this for the encoder "
+        "(queue depth / measured encoder rate); 0: only --search-queue-size bounds the queue",
+    )
     search_queue_size: int = Field(
         256, ge=1, le=1_000_000,
         description="most searches waiting for the encoder or a search thread; beyond it: 429",

@@ -84,18 +84,25 @@ class CrashHarness:
         self._lock = threading.Lock()
         self._seq = 0
         self.errors: list[str] = []  # what the writer threads found wrong
+        self.killed_at: float | None = None  # when this round's SIGKILL was sent
 
     # -- one round ---------------------------------------------------------------------------
     def round(self, *, min_s: float = 0.3, max_s: float = 2.0) -> None:
+        self.killed_at = None
         srv = self.restart()
         with srv.client() as c:
-            self.verify(c)
+            try:
+                self.verify(c)
+            except BaseException:
+                srv.stop(signal.SIGKILL)  # leave no server behind a failed check
+                raise
             stop = threading.Event()
             work = [self._upserts] * self.writers + [self._jobs, self._searches]
             threads = [threading.Thread(target=self._guarded, args=(w, srv, stop)) for w in work]
             for t in threads:
                 t.start()
             time.sleep(self.rng.uniform(min_s, max_s))
+            self.killed_at = time.monotonic()
             srv.stop(signal.SIGKILL)
             stop.set()
             for t in threads:
@@ -141,7 +148,8 @@ class CrashHarness:
                 try:
                     r = c.put(f"/collections/{COLLECTION}/points", params={"wait": "true"}, json={"points": points})
                 except httpx.TransportError:
-                    return  # cut off by the kill: wholly present or absent, checked after the restart
+                    self._cut_off(srv, stop)  # by the kill: wholly present or absent, checked after the restart
+                    return
                 assert r.status_code == 200, r.text
                 batch.acked = True
 
@@ -157,6 +165,7 @@ class CrashHarness:
                     r = c.post(f"/collections/{COLLECTION}/ingest", content=body,
                                headers={"content-type": "application/x-ndjson"})
                 except httpx.TransportError:
+                    self._cut_off(srv, stop)
                     return
                 assert r.status_code == 202, r.text
                 batch.job_id, batch.acked = r.json()["job_id"], True
@@ -170,8 +179,16 @@ class CrashHarness:
                     r = c.post(f"/collections/{COLLECTION}/search",
                                json={"vector": rng.standard_normal(DIM).tolist(), "k": 10})
                 except httpx.TransportError:
+                    self._cut_off(srv, stop)
                     return
                 assert r.status_code == 200, r.text
+
+    def _cut_off(self, srv: Server, stop: threading.Event) -> None:
+        """A request failed at the transport level: only the kill may do that."""
+        failed_at = time.monotonic()
+        stop.wait(10)  # the kill and stop.set() follow at once
+        assert self.killed_at is not None and failed_at >= self.killed_at, \
+            "a request failed at the transport level before the server was killed"
 
     # -- checks --------------------------------------------------------------------------------
     def verify(self, c: httpx.Client) -> None:

@@ -7,6 +7,7 @@ tests/test_service.py and tests/test_prometheus.py; tests that restart a server 
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -29,6 +30,17 @@ TEST_FLAGS = (
     "--max-line-bytes", "4096",
     "--ingest-chunk-points", "100",
 )
+
+
+#: Every server started in this process, so that one a failed test left running dies with the tests.
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def free_port() -> int:
@@ -58,6 +70,7 @@ class Server:
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child until stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _STARTED.append(self.proc)
         log.close()
         self.wait("/readyz" if wait_ready else "/livez", timeout)
         return self

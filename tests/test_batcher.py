@@ -143,3 +143,29 @@ def test_invalid_arguments() -> None:
             MicroBatcher(lambda items: items, max_batch=1, max_wait_ms=1, max_queue=0)
 
     asyncio.run(main())
+
+
+def test_overloaded_when_the_queue_holds_more_work_than_the_delay_limit() -> None:
+    """10 ms per item, a 50 ms limit: once the rate is known, the 6th item waiting is refused at
+    once, while a count limit alone (max_queue 1000) would have queued them all."""
+
+    def slow(items: list[int]) -> list[int]:
+        time.sleep(0.01 * len(items))
+        return items
+
+    async def main() -> tuple[list[object], float | None]:
+        b: MicroBatcher[int, int] = MicroBatcher(slow, max_batch=1, max_wait_ms=0, max_queue=1000,
+                                                 max_delay_ms=50, name="t")
+        await b.submit(0)  # measures the rate: about 100 items/s
+        outcomes = await asyncio.gather(*[b.submit(i) for i in range(30)], return_exceptions=True)
+        rate = b.rate
+        await b.close()
+        return outcomes, rate
+
+    outcomes, rate = asyncio.run(main())
+    assert rate is not None and 20 < rate < 200, rate
+    refused = [o for o in outcomes if isinstance(o, Overloaded)]
+    served = [o for o in outcomes if isinstance(o, int)]
+    assert len(served) + len(refused) == 30
+    assert 3 <= len(served) <= 12 and refused, (len(served), len(refused))
+    assert "ms limit" in str(refused[0])

@@ -217,8 +217,10 @@ def test_full_disk_fails_clearly_and_corrupts_nothing(small_disk: Path, models_d
             r = c.post("/collections/full/ingest", content=body.encode())
             if r.status_code == 202:
                 job_id = r.json()["job_id"]
+                deadline = time.monotonic() + 60
                 while (job := c.get(f"/jobs/{job_id}").json())["state"] == "running":
-                    pass
+                    assert time.monotonic() < deadline, job
+                    time.sleep(0.05)
                 assert job["state"] == "failed" and "no space left" in job["message"], job
             else:
                 assert_error(r, 507, "storage_full")
@@ -337,9 +339,42 @@ def test_key_and_payloads_never_logged(keyed_server: Server) -> None:
         bad = [{"id": 2, "vector": [0.1] * (DIM + 1), "payload": {"s": secret_payload}}]
         assert c.put("/collections/logs/points", json={"points": bad}).status_code == 422
         c.post("/collections/logs/search", json={"text": secret_text})  # no encoder: 4xx, logged as such
-        c.post("/collections/logs/ingest", content=json.dumps({"id": 3, "payload": {"s": secret_payload}}).encode())
+        line = json.dumps({"id": 3, "payload": {"s": secret_payload}}).encode()  # no vector: a bad line
+        job = c.post("/collections/logs/ingest", content=line)
+        deadline = time.monotonic() + 30
+        while c.get(f"/jobs/{job.json()['job_id']}").json()["state"] == "running":  # its bad line is logged
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     with keyed_server.client() as c:  # wrong keys, including one that looks like the real one
         c.get("/collections", headers={"Authorization": f"Bearer {API_KEY[:-1]}X"})
     log = keyed_server.log()
     for secret in (API_KEY, API_KEY[:-1], secret_payload, secret_text):
         assert secret not in log, f"{secret!r} appears in the server log"
+
+
+# -- overload -------------------------------------------------------------------------------------
+def test_past_max_in_flight_requests_are_refused_at_once_but_probes_answer(tmp_path: Path, models_dir: Path) -> None:
+    import asyncio
+
+    srv = Server(tmp_path / "data", models_dir, "--max-in-flight", "2", "--max-queue-delay-ms", "0",
+                 "--encoder-threads", "1").start()
+    try:
+        with srv.client() as c:
+            assert c.put("/collections/busy", json={"encoder": "minilm"}).status_code == 201
+        slow = {"searches": [{"text": f"a long enough query about item {i} " * 10, "k": 3} for i in range(64)]}
+
+        async def burst() -> tuple[list[httpx.Response], list[int]]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as ac:
+                searches = [ac.post("/collections/busy/search/batch", json=slow) for _ in range(8)]
+                probes = [ac.get(p) for p in ("/livez", "/readyz", "/metrics")]
+                done = await asyncio.gather(*searches, *probes)
+            return list(done[:8]), [r.status_code for r in done[8:]]
+
+        answers, probes = asyncio.run(burst())
+        statuses = sorted(r.status_code for r in answers)
+        assert statuses.count(200) >= 2 and 429 in statuses and set(statuses) <= {200, 429}, statuses
+        err = assert_error(next(r for r in answers if r.status_code == 429), 429, "overloaded")
+        assert "--max-in-flight" in err["message"]
+        assert probes == [200, 200, 200]
+    finally:
+        srv.stop_cleanly()
