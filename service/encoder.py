@@ -110,6 +110,11 @@ class TextEncoder:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.inter_op_num_threads = 1
+        # onnxruntime's CPU arena keeps the largest tensors of every batch shape it has seen: over 60
+        # batches of random sizes the process crept to 462 MB resident with it, stayed at 310-365 MB
+        # without it. Speed unchanged: one query p50 3.24/3.44 ms with, 3.41/3.31 without; 2,000
+        # glosses at 388/390 vs 385/387 docs/s (two runs each, same process).
+        opts.enable_cpu_mem_arena = False
         if threads is not None:
             opts.intra_op_num_threads = threads
         if providers is None:

@@ -9,9 +9,11 @@ Checked after every restart:
 - every point of an acknowledged batch is present, with its payload (a filtered search per batch);
 - a batch whose request was cut off by the kill is wholly present or wholly absent;
 - the restart took at most ``MAX_RESTART_S``.
-At the end: the server holds exactly the surviving points, and its searches equal those of a
+At the end: the server holds exactly the surviving points (each read back, with its payload and
+vector, through the library once the server stopped), and its searches equal those of a
 fresh collection built from them with the library (exact searches: the same ids and scores;
-approximate ones: the same top 10, on average at least 95% of it).
+approximate ones: the true neighbours found as often as by the fresh collection, within 0.1;
+codes out of step with their rows would find almost none).
 
 `tests/test_crash.py` runs a few rounds; `python -m benchmarks.crash_bench --kills 25` many.
 """
@@ -226,7 +228,7 @@ class CrashHarness:
         assert r.status_code == 200, r.text
         return {h["id"]: h["payload"] for h in r.json()["hits"]}
 
-    def final_check(self, tmp: Path, queries: int = 30) -> dict[str, Any]:
+    def final_check(self, tmp: Path, queries: int = 100) -> dict[str, Any]:
         """Restart once more, verify, then compare with a fresh collection of the surviving points."""
         from index import Collection, CollectionConfig
 
@@ -243,7 +245,8 @@ class CrashHarness:
                 for start in range(0, len(ids), 4096):
                     fresh.upsert(ids[start : start + 4096], vectors[start : start + 4096])
                 rng = np.random.default_rng(1)
-                overlap = []
+                overlap: list[float] = []
+                recall: list[tuple[float, float]] = []
                 for q in rng.standard_normal((queries, DIM)).astype(np.float32):
                     exact = c.post(f"/collections/{COLLECTION}/search",
                                    json={"vector": q.tolist(), "k": 10, "exact": True}).json()["hits"]
@@ -251,12 +254,17 @@ class CrashHarness:
                     assert [h["id"] for h in exact] == [h.id for h in want]
                     assert np.allclose([h["score"] for h in exact], [h.score for h in want], atol=1e-5)
                     approx = c.post(f"/collections/{COLLECTION}/search", json={"vector": q.tolist(), "k": 10}).json()
+                    truth = {h.id for h in want}
                     served = {h["id"] for h in approx["hits"]}
-                    overlap.append(len(served & {h.id for h in fresh.search(q, 10)[0]}) / 10)
+                    built = {h.id for h in fresh.search(q, 10)[0]}
+                    recall.append((len(served & truth) / 10, len(built & truth) / 10))
+                    overlap.append(len(served & built) / 10)
                 fresh.close()
-                # Approximate searches: the coarse stage of a recovered collection was rebuilt or
-                # reloaded from checkpoints; it must pick what a fresh one picks.
-                assert np.mean(overlap) >= 0.95, overlap
+                # Approximate searches: the recovered coarse stage (rebuilt, or reloaded from checkpoints
+                # and extended) centres its sign codes on a mean fitted at another size than a fresh
+                # one, so single results may differ; it must find the true neighbours as well.
+                served_recall, fresh_recall = np.mean(recall, axis=0)
+                assert served_recall >= fresh_recall - 0.1, (served_recall, fresh_recall)
         finally:
             srv.stop_cleanly()
         # Every batch once more, point by point, through the library on the stopped server's files
@@ -274,4 +282,7 @@ class CrashHarness:
                         assert point is None, pid
         finally:
             col.close(checkpoint=False)
-        return {**self.report.summary(), "approximate_top10_agreement_with_fresh": float(np.mean(overlap))}
+        return {**self.report.summary(), "exact_searches_equal_fresh": queries,
+                "approximate_recall_at_10_served": float(served_recall),
+                "approximate_recall_at_10_fresh": float(fresh_recall),
+                "approximate_top10_overlap_served_fresh": float(np.mean(overlap))}
