@@ -347,6 +347,7 @@ def main() -> None:
     parser.add_argument("--overload-s", type=float, default=15.0)
     parser.add_argument("--synthetic", type=int, default=0, help="N random vectors instead of the glosses")
     parser.add_argument("--no-write", action="store_true", help="print only (the tests' short run)")
+    parser.add_argument("--out", default="soak", help="result name: benchmarks/results/<out>.json/.png")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tandem-soak-") as tmp:
         with socket.socket() as sock:
@@ -360,8 +361,8 @@ def main() -> None:
             result_code = proc.wait(60)
         result["server_exit"] = result_code
     if not args.no_write:
-        write_result("soak", result)
-        plot(result, RESULTS / "soak.png")
+        write_result(args.out, result)
+        plot(result, RESULTS / f"{args.out}.png")
     summary = {k: v for k, v in result.items() if k != "soak"} | {
         "soak": {k: v for k, v in result["soak"].items() if k not in ("windows", "memory")}}
     print("SOAK-RESULT", json.dumps(summary))  # one line: tests/test_soak.py reads it
