@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,27 +57,40 @@ class Catalog:
         except BaseException:
             self._db.close()
             raise
-        # Searches run in many threads at once: each gets its own read connection (WAL readers
-        # do not block each other nor the writer).
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        # Searches run in many threads at once: each read borrows a connection of its own (WAL
+        # readers block neither each other nor the writer) and gives it back, so there are as many
+        # as reads ever ran at once. One per thread instead grew without bound: thread pools
+        # retire idle threads and start new ones, and each dead thread's connection kept its
+        # page cache (~2 MB a connection once the catalog is large; tests/test_collection.py).
+        self._idle: list[sqlite3.Connection] = []
+        self._opened: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
 
-    @property
-    def _read(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._readers_lock:
+            db = self._idle.pop() if self._idle else None
         if db is None:
             db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-            self._local.db = db
             with self._readers_lock:
-                self._readers.append(db)
-        return db
+                self._opened.append(db)
+        try:
+            yield db
+        finally:
+            with self._readers_lock:
+                self._idle.append(db)
+
+    @property
+    def read_connections(self) -> int:
+        """Read connections opened so far (at most the reads that ever ran at once)."""
+        return len(self._opened)
 
     def close(self) -> None:
         with self._readers_lock:
-            for db in self._readers:
+            for db in self._opened:
                 db.close()
-            self._readers.clear()
+            self._opened.clear()
+            self._idle.clear()
         self._db.close()
 
     # -- meta ---------------------------------------------------------------------------------
@@ -167,12 +181,14 @@ class Catalog:
 
     # -- reads --------------------------------------------------------------------------------
     def dead_rows(self) -> np.ndarray:
-        rows = self._read.execute("SELECT row FROM points WHERE live = 0").fetchall()
+        with self._reading() as db:
+            rows = db.execute("SELECT row FROM points WHERE live = 0").fetchall()
         return np.asarray([r[0] for r in rows], dtype=np.int64)
 
     def set_sizes(self) -> np.ndarray:
         """Vector-set size of every row, dead ones included, in row order: ``(n_rows,) int64``."""
-        rows = self._read.execute("SELECT COALESCE(n_vectors, 0) FROM points ORDER BY row").fetchall()
+        with self._reading() as db:
+            rows = db.execute("SELECT COALESCE(n_vectors, 0) FROM points ORDER BY row").fetchall()
         return np.asarray([r[0] for r in rows], dtype=np.int64)
 
     def max_row(self) -> int:
@@ -180,9 +196,8 @@ class Catalog:
         return -1 if value is None else int(value)
 
     def find(self, key: PointId) -> tuple[int, dict[str, Any] | None] | None:
-        row = self._read.execute(
-            "SELECT row, payload FROM points WHERE live = 1 AND key = ?", (key,)
-        ).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT row, payload FROM points WHERE live = 1 AND key = ?", (key,)).fetchone()
         return None if row is None else (int(row[0]), _load(row[1]))
 
     def describe(
@@ -192,21 +207,21 @@ class Catalog:
         rows = list(rows)
         column = "payload" if with_payload else "NULL"
         out: dict[int, tuple[PointId, dict[str, Any] | None]] = {}
-        for chunk in _chunks(rows):
-            marks = ",".join("?" * len(chunk))
-            for row, key, payload in self._read.execute(
-                f"SELECT row, key, {column} FROM points WHERE row IN ({marks})", tuple(chunk)
-            ):
-                out[int(row)] = (key, _load(payload))
+        with self._reading() as db:
+            for chunk in _chunks(rows):
+                marks = ",".join("?" * len(chunk))
+                for row, key, payload in db.execute(
+                    f"SELECT row, key, {column} FROM points WHERE row IN ({marks})", tuple(chunk)
+                ):
+                    out[int(row)] = (key, _load(payload))
         return out
 
     def matching_rows(self, flt: Filter) -> np.ndarray:
         """Live rows whose payload passes the filter, ascending, ``(m,) int64``."""
         where, params = flt.to_sql("payload")
-        cursor = self._read.execute(
-            f"SELECT row FROM points WHERE live = 1 AND ({where}) ORDER BY row", params
-        )
-        return np.fromiter((r[0] for r in cursor), dtype=np.int64)
+        with self._reading() as db:
+            cursor = db.execute(f"SELECT row FROM points WHERE live = 1 AND ({where}) ORDER BY row", params)
+            return np.fromiter((r[0] for r in cursor), dtype=np.int64)
 
     def check(self, n_rows: int) -> None:
         top = self.max_row()

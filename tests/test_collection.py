@@ -201,3 +201,29 @@ def test_inverted_file_for_large_collections(tmp_path, data, monkeypatch):
         assert col._coarse._ivf is not None  # noqa: SLF001
         again = [[h.id for h in r] for r in col.search(queries, 10, oversampling=32)]
         assert recall_at_k(truth, again, 10) >= 0.9
+
+
+def test_reads_from_short_lived_threads_reuse_catalog_connections(tmp_path):
+    """Thread pools retire idle threads and start new ones: a read connection per thread would
+    grow without bound (2 MB of page cache each once the catalog is large)."""
+    import threading
+
+    rng = np.random.default_rng(0)
+    with Collection.create(tmp_path / "c", CollectionConfig(dim=8)) as col:
+        col.upsert(list(range(500)), rng.standard_normal((500, 8)), [{"i": i} for i in range(500)])
+
+        def reads() -> None:
+            col.search(rng.standard_normal(8), 5, filter={"must": [{"key": "i", "any": [1, 2, 3]}]})
+            assert col.get(7) is not None
+
+        for _ in range(30):  # one after another: one connection serves them all
+            t = threading.Thread(target=reads)
+            t.start()
+            t.join()
+        assert col._catalog.read_connections == 1
+        together = [threading.Thread(target=reads) for _ in range(6)]
+        for t in together:
+            t.start()
+        for t in together:
+            t.join()
+        assert 1 <= col._catalog.read_connections <= 6
