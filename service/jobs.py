@@ -90,20 +90,16 @@ class JobStore:
 
     def unfinished(self) -> list[Job]:
         """Jobs a previous process accepted and did not finish, oldest first."""
-        with self._lock:
-            ids = [r[0] for r in self._conn.execute(
-                "SELECT job_id FROM jobs WHERE state='running' ORDER BY created_at"
-            ).fetchall()]
-        return [job for job in map(self.get, ids) if job is not None]
+        return self._select("WHERE state='running' ORDER BY created_at", [])
 
     def recent(self, *, state: str | None, limit: int) -> list[Job]:
         """The newest ``limit`` jobs, newest first, of one state or any."""
         where, params = ("WHERE state=?", [state]) if state else ("", [])
-        with self._lock:
-            ids = [r[0] for r in self._conn.execute(
-                f"SELECT job_id FROM jobs {where} ORDER BY created_at DESC LIMIT ?", [*params, limit]
-            ).fetchall()]
-        return [job for job in map(self.get, ids) if job is not None]
+        return self._select(f"{where} ORDER BY created_at DESC LIMIT ?", [*params, limit])
+
+    def get(self, job_id: str) -> Job | None:
+        found = self._select("WHERE job_id=?", [job_id])
+        return found[0] if found else None
 
     def save(self, job: Job) -> None:
         with self._lock:
@@ -114,17 +110,13 @@ class JobStore:
                  job.started_at, job.finished_at),
             )
 
-    def get(self, job_id: str) -> Job | None:
+    def _select(self, clauses: str, params: list[Any]) -> list[Job]:
         with self._lock:
-            row = self._conn.execute(
+            rows = self._conn.execute(
                 "SELECT job_id, collection, state, lines_read, points_committed, error_count, errors, "
-                "message, created_at, started_at, finished_at FROM jobs WHERE job_id=?",
-                (job_id,),
-            ).fetchone()
-        if row is None:
-            return None
-        return Job(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]), row[7],
-                   row[8], row[9], row[10])
+                f"message, created_at, started_at, finished_at FROM jobs {clauses}", params,
+            ).fetchall()
+        return [Job(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], r[9], r[10]) for r in rows]
 
     def close(self) -> None:
         with self._lock:
