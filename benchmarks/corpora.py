@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +39,45 @@ def gloss_texts() -> list[str]:
 
 def gloss_embeddings() -> np.ndarray:
     """``(117659, 384) float32`` MiniLM embeddings of the glosses, embedded once then cached."""
-    path = CACHE / "glosses-minilm.npy"
+    return _cached_embeddings("glosses-minilm.npy", gloss_texts)
+
+
+def npm_texts() -> list[str]:
+    """The distinct npm package summaries of 10+ characters (about 179k) from the env library's
+    ``packages/npm.tsv`` (``$TANDEM_NPM_TSV`` to point elsewhere), in file order."""
+    path = Path(os.environ.get("TANDEM_NPM_TSV", "/work/.library/env/packages/npm.tsv"))
+    seen: set[str] = set()
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        next(f)  # header: name, version, downloads_a_month, summary
+        for line in f:
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) < 4:
+                continue
+            # Drop the library's own "[tested here: ...]" notes: they are not the authors' text.
+            summary = re.sub(r"^\[tested here:[^\]]*\]\s*", "", fields[3]).strip()
+            if len(summary) >= 10 and summary not in seen:
+                seen.add(summary)
+                texts.append(summary)
+    return texts
+
+
+def npm_embeddings() -> np.ndarray:
+    """``(n, 384) float32`` MiniLM embeddings of ``npm_texts()``, embedded once then cached."""
+    return _cached_embeddings("npm-minilm.npy", npm_texts)
+
+
+def _cached_embeddings(name: str, texts_of: Callable[[], list[str]]) -> np.ndarray:
+    path = CACHE / name
     if path.exists():
         return np.load(path)
     from service.encoder import TextEncoder
 
     encoder = TextEncoder.load(models_dir() / "minilm")
-    texts = gloss_texts()
+    texts = texts_of()
     t0 = time.perf_counter()
     vectors = encoder.encode(texts, batch_size=128)
-    print(f"embedded {len(texts)} glosses in {time.perf_counter() - t0:.0f} s")
+    print(f"embedded {len(texts)} texts for {name} in {time.perf_counter() - t0:.0f} s")
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(path, vectors)
     return vectors

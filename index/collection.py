@@ -8,6 +8,11 @@ Write protocol (one ``upsert`` is atomic and durable once it returns):
 4. update the in-RAM coarse stage.
 A crash before 3 leaves extra rows past ``n_rows`` that ``open`` cuts off; a crash after 3 is
 caught up at ``open`` by re-encoding the rows the last coarse checkpoint lacks.
+
+The coarse stage is rebuilt (re-clustered, re-centred) off the write path: a background thread
+builds a new one from the vectors on disk while searches and writes go on, then it is caught up
+and swapped in under the write lock (``_rebuild_and_swap``). Checkpoints are captured in memory
+under the lock and written to disk after it is released.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import math
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -38,13 +44,14 @@ from index.batch import (
     check_vectors,
 )
 from index.catalog import Catalog
-from index.coarse import PQCoarse
+from index.coarse import CoarseStage
 from index.config import CollectionConfig
 from index.dense_store import DenseStore
 from index.errors import CollectionExists, CollectionNotFound, CorruptIndex, is_storage_full, storage_full
 from index.fde import FDEEncoder, MuveraParams
 from index.filters import Filter
 from index.locks import ReadWriteLock
+from index.rebuild import BackgroundRebuild, Cancelled, release_free_memory
 from index.vector_sets import VectorSetStore
 
 logger = logging.getLogger(__name__)
@@ -54,8 +61,14 @@ CATALOG = "catalog.sqlite"
 #: Save the coarse stage once this many rows were added since the last save, so that ``open``
 #: never has to re-encode more than this many rows from disk.
 CHECKPOINT_ROWS = 262_144
+#: Space held back in each collection for SQLite to open its catalog on an otherwise full disk.
+RESERVE = "reserve.bin"
+RESERVE_BYTES = 128 * 1024
 #: A filter that leaves at most this many rows is answered exactly, straight from disk.
 EXACT_FILTER_ROWS = 2_048
+#: A background rebuild catches up with rows written meanwhile outside the write lock until at
+#: most this many are left, which it adds under the lock just before the swap.
+SWAP_CATCH_UP_ROWS = 4_096
 
 
 class Hit(NamedTuple):
@@ -117,13 +130,32 @@ class Collection:
                 self._tokens_path(self._generation), dim=config.dim, dtype=config.dtype,
                 sizes=sizes, n_vectors=int(catalog.get_meta("n_tokens") or 0),
             )
-        self._live = np.ones(n_rows, dtype=bool)
-        self._live[catalog.dead_rows()] = False
-        self._n_dead = int(n_rows - self._live.sum())
+        # Live rows, in a buffer that grows by a fraction of its size: O(1) amortised per row.
+        self._live_buf = np.ones(n_rows, dtype=bool)
+        self._live_buf[catalog.dead_rows()] = False
+        self._n_rows = n_rows
+        self._n_dead = int(n_rows - self._live_buf.sum())
         self._remove_stale_files()
-        self._coarse = coarse_mod.make_coarse(config, stored_dim)
+        _keep_reserve(path)
+        self._coarse: CoarseStage | None = coarse_mod.make_coarse(config, stored_dim)
         self._saved_rows = 0
+        self._checkpoint_lock = threading.Lock()  # one checkpoint written at a time
+        self.rebuilds = BackgroundRebuild(str(path))
         self._load_coarse()
+
+    @property
+    def _live(self) -> np.ndarray:
+        """``(rows,) bool``: True where the row is a live point (a view of the buffer)."""
+        return self._live_buf[: self._n_rows]
+
+    def _append_live(self, n: int) -> None:
+        need = self._n_rows + n
+        if need > len(self._live_buf):
+            grown = np.ones(max(need, len(self._live_buf) * 9 // 8, 1024), dtype=bool)
+            grown[: self._n_rows] = self._live
+            self._live_buf = grown
+        self._live_buf[self._n_rows : need] = True
+        self._n_rows = need
 
     # -- lifecycle ----------------------------------------------------------------------------
     @classmethod
@@ -150,7 +182,14 @@ class Collection:
         if not (path / CATALOG).is_file():
             raise CollectionNotFound(f"no collection at {path}: create it first")
         try:
-            catalog = Catalog(path / CATALOG)
+            try:
+                catalog = Catalog(path / CATALOG)
+            except sqlite3.OperationalError:
+                # SQLite needs a little space to open (its WAL index): on a full disk, give it
+                # the collection's reserve and try once more.
+                if not _release_reserve(path):
+                    raise
+                catalog = Catalog(path / CATALOG)
         except sqlite3.DatabaseError as exc:
             if getattr(exc, "sqlite_errorcode", None) not in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
                 raise  # locked, unreadable, a full disk: not a damaged collection
@@ -171,10 +210,13 @@ class Collection:
             raise
 
     def close(self, *, checkpoint: bool = True) -> None:
-        """Save the coarse stage (unless ``checkpoint=False``: it is about to be deleted) and close."""
+        """Save the coarse stage (unless ``checkpoint=False``: it is about to be deleted) and close.
+        A rebuild still running is cancelled (the next open starts it again)."""
+        self.rebuilds.stop()
         with self._lock.write():
-            if checkpoint and self._coarse is not None and self._coarse.rows != self._saved_rows:
-                self._save_coarse()
+            # An untrained stage holds nothing but a row count, which open recounts: not written.
+            if checkpoint and self._coarse is not None and self._coarse.ready and self._coarse.rows != self._saved_rows:
+                self._write_checkpoint(self._coarse.checkpoint(), self._coarse.rows)
             self._dense.close()
             if self._sets is not None:
                 self._sets.close()
@@ -205,6 +247,7 @@ class Collection:
     def _write(
         self, keys: list[PointId], vectors: np.ndarray, payloads: list[str | None], sets: VectorSetBatch | None = None
     ) -> None:
+        checkpoint = None
         with self._lock.write():
             try:
                 first = self._dense.append(vectors)
@@ -224,15 +267,18 @@ class Collection:
             self._dense.publish(first + len(keys))
             if self._sets is not None and sets is not None:
                 self._sets.publish(sets.sizes)
-            self._live = np.concatenate([self._live, np.ones(len(keys), dtype=bool)])
+            self._append_live(len(keys))
             self._mark_dead(replaced)
-            if self._coarse is not None:
-                self._coarse.add(vectors)
-                if self._coarse.needs_rebuild():
-                    self._coarse.rebuild(self._dense.scan)
-                    self._save_coarse()
-                elif self._coarse.rows - self._saved_rows >= CHECKPOINT_ROWS:
-                    self._save_coarse()
+            coarse = self._coarse
+            if coarse is not None:
+                coarse.add(vectors)
+                if coarse.needs_rebuild():
+                    self._start_rebuild()
+                if coarse.rows - self._saved_rows >= CHECKPOINT_ROWS:
+                    checkpoint = (coarse.checkpoint(), coarse.rows)
+                    self._saved_rows = coarse.rows
+        if checkpoint is not None:  # written with the lock released: searches go on meanwhile
+            self._save_checkpoint(*checkpoint)
 
     def delete(self, ids: Sequence[PointId]) -> int:
         """Tombstone points; returns how many existed. Unknown ids are ignored."""
@@ -279,17 +325,18 @@ class Collection:
                 self._sets.close()
                 self._sets.path.unlink(missing_ok=True)
                 self._sets = fresh_sets
-            self._live = np.ones(len(keep), dtype=bool)
+            self._live_buf = np.ones(len(keep), dtype=bool)
+            self._n_rows = len(keep)
             self._n_dead = 0
             coarse = coarse_mod.make_coarse(self.config, self._dense.dim)
             if coarse is not None:
-                coarse.rebuild(self._dense.scan)
-                self._coarse = coarse
-                self._save_coarse()
+                self._coarse = coarse.rebuilt(self._dense.scan)
+                self._save_checkpoint(self._coarse.checkpoint(), self._coarse.rows)
+        release_free_memory()
 
     # -- reads --------------------------------------------------------------------------------
     def count(self) -> int:
-        return int(len(self._live) - self._n_dead)
+        return int(self._n_rows - self._n_dead)
 
     def get(self, id: PointId) -> Point | None:
         """The point's id, stored vector (normalised for cosine) and payload; None if absent."""
@@ -348,7 +395,7 @@ class Collection:
             t0 = time.perf_counter()
             allowed, allowed_rows = self._allowed(flt)
             coarse = self._coarse
-            if isinstance(coarse, PQCoarse) and not coarse.trained:
+            if coarse is not None and not coarse.ready:
                 coarse = None  # too few points to train yet: the (small) collection is scanned
             small = allowed_rows is not None and len(allowed_rows) <= max(n_rerank, EXACT_FILTER_ROWS)
             if exact or coarse is None or small:
@@ -443,7 +490,7 @@ class Collection:
         ]
 
     def stats(self) -> CollectionStats:
-        ram = self._live.nbytes + (self._coarse.ram_bytes() if self._coarse is not None else 0)
+        ram = self._live_buf.nbytes + (self._coarse.ram_bytes() if self._coarse is not None else 0)
         disk = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
         return CollectionStats(self.count(), int(ram), int(disk))
 
@@ -465,27 +512,37 @@ class Collection:
             if f.name not in current:
                 f.unlink()
 
-    def _save_coarse(self) -> None:
-        """Checkpoint the coarse stage. Best effort: a collection opened without an up-to-date
-        checkpoint rebuilds it from the vectors, so a full disk here costs time, not data."""
+    def _save_checkpoint(self, write: coarse_mod.Checkpoint, rows: int) -> None:
+        """Write a captured checkpoint unless another is being written (the next one will do)."""
+        if self._checkpoint_lock.acquire(blocking=False):
+            try:
+                self._write_checkpoint(write, rows, locked=True)
+            finally:
+                self._checkpoint_lock.release()
+
+    def _write_checkpoint(
+        self, write: coarse_mod.Checkpoint, rows: int, *, locked: bool = False, generation: int | None = None
+    ) -> None:
+        """Write a checkpoint of ``rows`` rows (of ``generation``, when given: skipped if the
+        collection was compacted since). Best effort: a collection opened without an up-to-date
+        checkpoint rebuilds it from the vectors, so a full disk costs time, not data."""
+        if not locked:
+            with self._checkpoint_lock:
+                return self._write_checkpoint(write, rows, locked=True, generation=generation)
+        if generation is not None and generation != self._generation:
+            return None
         try:
-            self._write_coarse()
-        except (OSError, RuntimeError) as exc:  # faiss.write_index raises RuntimeError
+            tag = f"{self._generation}-{rows}-{uuid.uuid4().hex[:6]}"
+            state = write(self.path, tag)
+            state.update(kind=self.config.coarse, generation=self._generation)
+            coarse_mod.save_state(self.path, state)
+            for f in self.path.glob("coarse.*"):
+                if f.name not in ("coarse.json", state.get("file")):
+                    f.unlink(missing_ok=True)
+        except (OSError, RuntimeError) as exc:  # faiss raises RuntimeError
             logger.warning("coarse checkpoint of %s not written (%s); it is rebuilt on open", self.path, exc)
             for f in self.path.glob("coarse.*.tmp"):
                 f.unlink(missing_ok=True)
-
-    def _write_coarse(self) -> None:
-        if self._coarse is None:
-            return
-        tag = f"{self._generation}-{self._coarse.rows}-{uuid.uuid4().hex[:6]}"
-        state = self._coarse.save(self.path, tag)
-        state.update(kind=self.config.coarse, generation=self._generation)
-        coarse_mod.save_state(self.path, state)
-        for f in self.path.glob("coarse.*"):
-            if f.name not in ("coarse.json", state.get("file")):
-                f.unlink()
-        self._saved_rows = self._coarse.rows
 
     def _load_coarse(self) -> None:
         """Load the last coarse checkpoint and catch up with the rows committed after it.
@@ -500,27 +557,110 @@ class Collection:
         try:
             state = json.loads((self.path / "coarse.json").read_text())
             if state.get("generation") != self._generation or state.get("kind") != self.config.coarse:
-                raise ValueError("checkpoint of another generation")
+                raise ValueError("checkpoint of another generation or kind")
             if int(state["rows"]) > n_rows:
                 raise ValueError("checkpoint ahead of the catalog")
             coarse.load(self.path, state)
             self._saved_rows = coarse.rows
         except (OSError, ValueError, KeyError, RuntimeError):
-            coarse.rebuild(self._dense.scan)
-            if n_rows:
-                self._save_coarse()
+            self._coarse = coarse = coarse.rebuilt(self._dense.scan)
+            if n_rows and coarse.ready:
+                self._write_checkpoint(coarse.checkpoint(), coarse.rows)
+                self._saved_rows = coarse.rows
             return
         if coarse.rows < n_rows:
             for start in range(coarse.rows, n_rows, 32768):
-                coarse.add(self._dense.read(np.arange(start, min(start + 32768, n_rows))))
-            if coarse.needs_rebuild():
-                coarse.rebuild(self._dense.scan)
-            self._save_coarse()
+                coarse.add(self._dense.read_range(start, min(start + 32768, n_rows)))
+            if coarse.ready:
+                self._write_checkpoint(coarse.checkpoint(), coarse.rows)
+                self._saved_rows = coarse.rows
+        if coarse.needs_rebuild():
+            self._start_rebuild()
+
+    # -- background rebuilds -------------------------------------------------------------------
+    def _start_rebuild(self) -> None:
+        """Rebuild the coarse stage from the rows committed now, on a background thread, and
+        again while the swapped-in stage still needs it (the collection grew fast meanwhile).
+        Called with the write lock held (or before the collection is shared)."""
+
+        def work(cancel: threading.Event) -> bool:
+            swapped = False
+            while True:
+                with self._lock.read():
+                    stage, dense, generation, rows = self._coarse, self._dense, self._generation, self._dense.n_rows
+                if stage is None:
+                    return swapped
+
+                def scan(dense: DenseStore = dense, rows: int = rows) -> coarse_mod.Chunks:
+                    for start, block in dense.scan(stop=rows):
+                        if cancel.is_set():
+                            raise Cancelled
+                        yield start, block
+
+                if not self._rebuild_and_swap(stage.rebuilt(scan), generation, cancel):
+                    return swapped
+                swapped = True
+                with self._lock.read():
+                    if self._coarse is None or not self._coarse.needs_rebuild():
+                        return swapped
+
+        self.rebuilds.start(work)
+
+    def _rebuild_and_swap(self, fresh: CoarseStage, generation: int, cancel: threading.Event) -> bool:
+        """Catch ``fresh`` up with the rows written since it was built, checkpoint it, swap it in."""
+        t0 = time.perf_counter()
+        while True:  # outside the write lock, a chunk at a time, while writes go on
+            if cancel.is_set():
+                raise Cancelled
+            with self._lock.read():
+                if generation != self._generation:
+                    return False  # compacted meanwhile: the compaction built its own stage
+                start, end = fresh.rows, self._dense.n_rows
+                if end - start <= SWAP_CATCH_UP_ROWS:
+                    break
+                block = self._dense.read_range(start, min(end, start + 32768))
+            fresh.add(block)
+        # Written before it is shared, so nothing changes it meanwhile; rows are caught up on open.
+        self._write_checkpoint(fresh.checkpoint(), fresh.rows, generation=generation)
+        saved = fresh.rows
+        with self._lock.write():
+            if generation != self._generation or cancel.is_set():
+                return False
+            end = self._dense.n_rows
+            if fresh.rows < end:
+                fresh.add(self._dense.read_range(fresh.rows, end))
+            self._coarse = fresh
+            self._saved_rows = saved
+            swapped_in = time.perf_counter() - t0
+        logger.info("coarse stage of %s rebuilt over %d rows (caught up and swapped in %.2f s)",
+                    self.path, fresh.rows, swapped_in)
+        return True
 
     def drop(self) -> None:
         """Close the collection and delete its directory."""
         self.close(checkpoint=False)
         shutil.rmtree(self.path)
+
+
+def _keep_reserve(path: Path) -> None:
+    """A small file that ``open`` deletes when the disk is too full for SQLite to open the
+    catalog; made again (best effort) once there is room."""
+    reserve = path / RESERVE
+    if not reserve.exists():
+        try:
+            with open(reserve, "wb") as f:
+                f.write(b"\0" * RESERVE_BYTES)
+        except OSError:
+            reserve.unlink(missing_ok=True)
+
+
+def _release_reserve(path: Path) -> bool:
+    reserve = path / RESERVE
+    if not reserve.exists():
+        return False
+    reserve.unlink()
+    logger.warning("%s: the disk is full; released the collection's %d-byte reserve to open it", path, RESERVE_BYTES)
+    return True
 
 
 def _rerank_chamfer(

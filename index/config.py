@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Metric = Literal["cosine", "dot"]
-CoarseKind = Literal["binary", "pq", "flat"]
+CoarseKind = Literal["ivf", "binary", "pq", "flat"]
 DenseDtype = Literal["float32", "float16"]
 BinaryTransform = Literal["sign", "center", "rotate"]
 
@@ -15,7 +15,7 @@ BinaryTransform = Literal["sign", "center", "rotate"]
 # with a Hamming shortlist of 4x rescored asymmetrically in RAM, 10x k rows read from disk gave
 # recall@10 0.993 and 16x gave 0.997; 16 keeps a margin for other corpora. PQ codes are coarser
 # and need a wider net.
-DEFAULT_OVERSAMPLING: dict[str, float] = {"binary": 16.0, "pq": 32.0, "flat": 1.0}
+DEFAULT_OVERSAMPLING: dict[str, float] = {"ivf": 16.0, "binary": 16.0, "pq": 32.0, "flat": 1.0}
 
 
 class MultiVectorConfig(BaseModel):
@@ -38,7 +38,17 @@ class CollectionConfig(BaseModel):
 
     dim: int = Field(..., ge=1, le=65536, description="dimension of the stored vectors")
     metric: Metric = "cosine"
-    coarse: CoarseKind = "binary"
+    coarse: CoarseKind = Field(
+        None,  # type: ignore[arg-type]  # filled in by _default_coarse before validation
+        description="the in-RAM stage: ivf (default for single vectors), binary (default for multi-vector), "
+        "pq, or flat (exact scan)",
+    )
+    bits: Literal[1, 2, 4] = Field(
+        1, description="ivf: bits of code per dimension (4-bit PQ, dim * bits / 4 sub-quantizers)"
+    )
+    nprobe: int | None = Field(
+        None, ge=1, le=65536, description="ivf: inverted lists scanned per query; None: the default (256)"
+    )
     dtype: DenseDtype = Field("float32", description="dtype of the full vectors on disk")
     oversampling: float | None = Field(
         None, gt=0, le=1000, description="rows reranked from disk = k * oversampling; None: per-kind default"
@@ -53,10 +63,18 @@ class CollectionConfig(BaseModel):
     )
     probe_fraction: float = Field(
         0.25, gt=0, le=1,
-        description="share of inverted-file buckets scanned per query (binary past 200k points, pq); "
-        "0.25 kept recall@10 >= 0.99 at 1M gloss vectors, 0.125 is about 2x faster at 0.98",
+        description="pq: share of inverted lists scanned per query",
     )
     multivector: MultiVectorConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_coarse(cls, data: Any) -> Any:
+        # Multi-vector FDEs keep sign bits: a query FDE is sparse, a document FDE dense, and
+        # their Hamming codes were measured (README "Multi-vector"); single vectors take ivf.
+        if isinstance(data, dict) and data.get("coarse") is None:
+            data = {**data, "coarse": "binary" if data.get("multivector") is not None else "ivf"}
+        return data
 
     @property
     def effective_binary_transform(self) -> BinaryTransform:

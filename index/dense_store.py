@@ -122,13 +122,24 @@ class DenseStore:
             return np.asarray(mapped[int(starts[0]) : int(ends[0])])
         return np.concatenate([mapped[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
 
-    def scan(self, *, chunk_rows: int = 32768) -> Iterator[tuple[int, np.ndarray]]:
-        """Sequential pass over all rows: ``(first_row, (c, dim) float32)`` chunks."""
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as ``(stop - start, dim) float32`` (a copy)."""
+        if self._map is None or stop <= start:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return np.array(self._map[start:stop], dtype=np.float32)
+
+    def scan(self, *, chunk_rows: int = 32768, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Sequential pass over rows ``0:stop`` (all by default): ``(first_row, (c, dim) float32)`` chunks.
+
+        The map is taken when the pass starts: rows appended meanwhile are not seen, and a pass
+        can run on another thread while writes go on.
+        """
         mapped = self._map
         if mapped is None:
             return
-        for start in range(0, self.n_rows, chunk_rows):
-            yield start, np.asarray(mapped[start : start + chunk_rows], dtype=np.float32)
+        end = self.n_rows if stop is None else min(stop, len(mapped))
+        for start in range(0, end, chunk_rows):
+            yield start, np.asarray(mapped[start : min(start + chunk_rows, end)], dtype=np.float32)
 
     def evict(self) -> None:
         """Drop this file's pages from the page cache (benchmarks of cold reads).

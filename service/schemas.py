@@ -56,14 +56,22 @@ class CollectionCreate(_Body):
         None, ge=1, le=65536, description="vector dimension; defaults to the encoder's when `encoder` is set"
     )
     metric: Metric = "cosine"
-    coarse: CoarseKind = Field("binary", description="RAM stage: binary sign codes, pq, or flat (exact)")
+    coarse: CoarseKind | None = Field(
+        None,
+        description="RAM stage: ivf (inverted file of 4-bit PQ codes; the default for single vectors), binary "
+        "(sign codes scanned whole; the default for multi-vector), pq (IVF-PQ, 8-bit), or flat (exact scan)",
+    )
+    bits: Literal[1, 2, 4] = Field(1, description="ivf: bits of code per dimension (RAM: dim * bits / 8 + 8 bytes)")
+    nprobe: int | None = Field(
+        None, ge=1, le=65536, description="ivf: inverted lists scanned per query; null: the default (256)"
+    )
     dtype: DenseDtype = Field("float32", description="dtype of the full vectors on disk")
     oversampling: float | None = Field(
         None, gt=0, le=1000, description="rows reranked from disk = k x oversampling; null: the default"
     )
     binary_transform: BinaryTransform | None = None
     shortlist_factor: float = Field(4.0, ge=1, le=64, description="Hamming shortlist = factor x rows reranked")
-    probe_fraction: float = Field(0.25, gt=0, le=1, description="share of inverted-file buckets scanned")
+    probe_fraction: float = Field(0.25, gt=0, le=1, description="pq: share of inverted lists scanned")
     encoder: str | None = Field(
         None, description="model that turns `text` into vectors (e.g. 'minilm'); null: vectors only"
     )
@@ -73,7 +81,7 @@ class CollectionCreate(_Body):
 
     def index_config(self, dim: int) -> CollectionConfig:
         return CollectionConfig(
-            dim=dim, metric=self.metric, coarse=self.coarse, dtype=self.dtype,
+            dim=dim, metric=self.metric, coarse=self.coarse, bits=self.bits, nprobe=self.nprobe, dtype=self.dtype,
             oversampling=self.oversampling, binary_transform=self.binary_transform,
             shortlist_factor=self.shortlist_factor, probe_fraction=self.probe_fraction,
             multivector=self.multivector,

@@ -22,7 +22,9 @@ import pytest
 from pydantic import ValidationError
 
 from index import device
-from index.coarse import BinaryCoarse, PQCoarse, _bit_products, _top
+from index.coarse import BinaryCoarse, PQCoarse
+from index.coarse.base import top as _top
+from index.coarse.binary import bit_products as _bit_products
 from service.settings import Settings
 from tests.server import REPO_ROOT, Server
 from tests.synthetic import embeddings, queries_near
@@ -180,7 +182,7 @@ def test_binary_gpu_copy_follows_the_codes(stand_in: CpuStandIn, tmp_path: Path)
     def check(c: BinaryCoarse, allowed: np.ndarray | None) -> None:
         qcodes = c.encode(queries)
         for i in range(len(queries)):
-            rows = c._shortlist(queries[i : i + 1], qcodes[i : i + 1], 100, allowed)
+            rows = c._shortlist(qcodes[i : i + 1], 100, allowed)
             assert len(rows) == 100
             ok = allowed if allowed is not None else np.ones(c.rows, dtype=bool)
             assert ok[rows].all()
@@ -196,19 +198,19 @@ def test_binary_gpu_copy_follows_the_codes(stand_in: CpuStandIn, tmp_path: Path)
     check(coarse, allowed)
     assert copy.index.searches == searches + len(queries)
 
-    coarse.rebuild(lambda: iter([(0, base)]))  # a fresh copy of the re-encoded codes
+    coarse = coarse.rebuilt(lambda: iter([(0, base)]))  # a fresh copy of the re-encoded codes
     assert coarse._gpu_codes is not copy and coarse._gpu_codes is not None
     assert coarse._gpu_codes.ntotal == 3000
     check(coarse, None)
 
-    state = coarse.save(tmp_path, "t")
+    state = coarse.checkpoint()(tmp_path, "t")
     loaded = BinaryCoarse(64, "center")
     loaded.load(tmp_path, state)
     assert loaded._gpu_codes is not None and loaded._gpu_codes.ntotal == 3000
     check(loaded, None)
     # Wider than faiss's GPU k-selection: the CPU scan answers.
     before = loaded._gpu_codes.index.searches
-    loaded._shortlist(queries[:1], loaded.encode(queries[:1]), device.GPU_MAX_K + 1, None)
+    loaded._shortlist(loaded.encode(queries[:1]), device.GPU_MAX_K + 1, None)
     assert loaded._gpu_codes.index.searches == before
 
 
@@ -217,7 +219,7 @@ def test_pq_gpu_copy_serves_unfiltered_searches(stand_in: CpuStandIn, tmp_path: 
     queries = queries_near(base, 10, seed=6)
     coarse = PQCoarse(64)
     coarse.add(base)
-    coarse.rebuild(lambda: iter([(0, base[:-500]), (len(base) - 500, base[-500:])]))
+    coarse = coarse.rebuilt(lambda: iter([(0, base[:-500]), (len(base) - 500, base[-500:])]))
     copy = coarse._gpu_index
     assert copy is not None and copy.ntotal == coarse.rows == len(base)
     more = embeddings(200, 64, seed=7)
@@ -235,7 +237,7 @@ def test_pq_gpu_copy_serves_unfiltered_searches(stand_in: CpuStandIn, tmp_path: 
     assert copy.index.searches == 1  # a filter stays on the CPU
     assert allowed[filtered[filtered >= 0]].all()
 
-    state = coarse.save(tmp_path, "t")
+    state = coarse.checkpoint()(tmp_path, "t")
     loaded = PQCoarse(64)
     loaded.load(tmp_path, state)
     assert loaded._gpu_index is not None and loaded._gpu_index.ntotal == coarse.rows

@@ -77,7 +77,7 @@ def test_sigkill_mid_batch_keeps_committed_batches_only(tmp_path, delay):
 def closed_collection(tmp_path):
     path = tmp_path / "c"
     x = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
-    with Collection.create(path, CollectionConfig(dim=16)) as col:
+    with Collection.create(path, CollectionConfig(dim=16, coarse="binary")) as col:
         col.upsert(list(range(500)), x)
         expected = col.search(x[:5], 5)
     return path, x, expected
