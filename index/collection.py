@@ -467,6 +467,8 @@ class Collection:
                 rows, scores = _top_rows(np.where(block >= 0, scores, -np.inf).astype(np.float32), block, k)
             rows_out.append(rows)
             scores_out.append(scores)
+        if len(rows_out) == 1:  # the common case (up to 64 queries): nothing to pad
+            return rows_out[0], scores_out[0]
         width = max(r.shape[1] for r in rows_out)
         return (
             np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=-1) for r in rows_out]),

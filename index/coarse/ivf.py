@@ -11,8 +11,8 @@ Sizing (``benchmarks/coarse_bench.py``, real MiniLM vectors, README "Performance
 - ``nlist = LISTS_PER_SQRT * sqrt(rows)`` and a fixed ``nprobe``: the codes scanned per query grow
   as sqrt(rows), not as rows. sqrt(rows) lists gave more recall at the same nprobe than 2x and 4x
   as many on both real corpora, for about the same time.
-- Rebuilt in the background (``index.rebuild``) when the collection has grown ``REGROW`` times
-  past the rows it was trained on, so that lists stay about sqrt(rows) long.
+- Rebuilt in the background (``index.rebuild``) each time the collection doubles past the rows
+  it was trained on, so that lists stay about sqrt(rows) long.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ class IVFCoarse:
     #: rows reranked) at 128 / 256 lists: glosses 0.994 / 0.999, npm summaries 0.981 / 0.994, the
     #: 1M set 0.987 / 0.991 (coarse_bench). 256 keeps 0.99 on all three.
     NPROBE = 256
-    #: Retrain once the collection holds this many times the rows the lists were trained on.
-    REGROW = 4
+    #: Retrain once the collection holds this many times the rows the lists were trained on:
+    #: lists stay within sqrt(2) of sqrt(rows) long, for one background rebuild per doubling.
+    REGROW = 2
     #: k-means sample: this many rows per list (faiss warns below 39).
     SAMPLE_PER_LIST = 64
     #: From this many lists on, the nearest lists are found through an HNSW graph over the
