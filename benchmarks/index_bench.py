@@ -242,6 +242,28 @@ def growth(workdir: Path, n_latency: int) -> dict[str, Any]:
     return out
 
 
+def small(workdir: Path, n_latency: int) -> dict[str, Any]:
+    """Where the exact scan is cheaper than the two stages: p50 of both at small sizes (glosses)."""
+    base, queries = corpus("glosses")
+    out: dict[str, Any] = {"runs": []}
+    train_rows = IVFCoarse.TRAIN_ROWS
+    IVFCoarse.TRAIN_ROWS = 500  # the inverted file at every size measured
+    try:
+        for n in (1_000, 2_000, 5_000, 10_000, 20_000):
+            col, _ = build(workdir / f"small-{n}", CollectionConfig(dim=base.shape[1]), base[:n])
+            lat = queries[:n_latency]
+            exact = timed(lambda q, c=col: c.search(q, 10, exact=True, with_payload=False), lat)
+            two_stage = timed(lambda q, c=col: c.search(q, 10, with_payload=False), lat)
+            run = {"points": n, "exact_p50_ms": exact["p50_ms"], "two_stage_p50_ms": two_stage["p50_ms"]}
+            out["runs"].append(run)
+            print(f"small {run}", flush=True)
+            col.close()
+            shutil.rmtree(workdir / f"small-{n}")
+    finally:
+        IVFCoarse.TRAIN_ROWS = train_rows
+    return out
+
+
 def ingest(workdir: Path, seconds: float = 20.0) -> dict[str, Any]:
     """Search latency (one thread, back to back) idle, then while 200k npm vectors are upserted
     in batches of 1,000 from another thread into a collection of the 116,659 glosses."""
@@ -336,32 +358,40 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="*", default=[2, 4], help="extra bit widths (glosses)")
     parser.add_argument("--growth", action="store_true")
     parser.add_argument("--ingest", action="store_true")
+    parser.add_argument("--small", action="store_true", help="exact scan against two stages at 1k-20k points")
     parser.add_argument("--no-peers", dest="peers", action="store_false")
+    parser.add_argument("--only-bits", action="store_true", help="only the extra bit widths (glosses)")
     parser.add_argument("--latency-queries", type=int, default=300)
     parser.add_argument("--workdir", type=Path, default=None, help="where collections are built (a real disk)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tandem-bench-", dir=os.environ.get("TMPDIR")))
     path = RESULTS / "index.json"
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    result = {k: v for k, v in result.items() if k in ("glosses", "npm", "1m", "growth", "ingest")}
+    result = {k: v for k, v in result.items() if k in ("glosses", "npm", "1m", "growth", "ingest", "small")}
     result["machine"] = machine()
     result["faiss_threads_per_search"] = 1
     for name in args.corpus:
         base, queries = corpus(name)
         truth = exact_top(base, queries, 10)
         part: dict[str, Any] = {"points": len(base), "queries": len(queries), "date": time.strftime("%Y-%m-%d")}
-        part["tandem"] = tandem(name, base, queries, truth, workdir, args.latency_queries)
+        if args.only_bits:  # re-measure the extra bit widths into the existing entry
+            part = result[name]
+        else:
+            part["tandem"] = tandem(name, base, queries, truth, workdir, args.latency_queries)
         if name == "glosses":
             for bits in args.bits:
                 part[f"tandem-{bits}bit"] = tandem(name, base, queries, truth, workdir, args.latency_queries,
                                                    bits=bits)
-        if args.peers:
+        if args.peers and not args.only_bits:
             part["faiss-hnsw"] = faiss_hnsw(name, base, queries, truth, args.latency_queries)
             part["hnswlib"] = hnswlib_peer(name, base, queries, truth, args.latency_queries)
         result[name] = part
         write_result("index", result)
     if args.growth:
         result["growth"] = growth(workdir, args.latency_queries)
+        write_result("index", result)
+    if args.small:
+        result["small"] = small(workdir, args.latency_queries)
         write_result("index", result)
     if args.ingest:
         result["ingest"] = ingest(workdir)

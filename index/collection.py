@@ -64,6 +64,8 @@ CHECKPOINT_ROWS = 262_144
 #: Space held back in each collection for SQLite to open its catalog on an otherwise full disk.
 RESERVE = "reserve.bin"
 RESERVE_BYTES = 128 * 1024
+#: A multi-vector collection of at most this many points is scanned exactly (see search_detailed).
+MULTIVECTOR_EXACT_POINTS = 3_000
 #: A filter that leaves at most this many rows is answered exactly, straight from disk.
 EXACT_FILTER_ROWS = 2_048
 #: A background rebuild catches up with rows written meanwhile outside the write lock until at
@@ -104,6 +106,7 @@ class Collection:
         self.config = config
         self._catalog = catalog
         self._lock = ReadWriteLock()
+        self._writer = threading.Lock()  # one writer at a time; taken before self._lock, never after
         self._generation = int(catalog.get_meta("generation") or 0)
         n_rows = catalog.n_rows
         catalog.check(n_rows)
@@ -213,7 +216,7 @@ class Collection:
         """Save the coarse stage (unless ``checkpoint=False``: it is about to be deleted) and close.
         A rebuild still running is cancelled (the next open starts it again)."""
         self.rebuilds.stop()
-        with self._lock.write():
+        with self._writer, self._lock.write():
             # An untrained stage holds nothing but a row count, which open recounts: not written.
             if checkpoint and self._coarse is not None and self._coarse.ready and self._coarse.rows != self._saved_rows:
                 self._write_checkpoint(self._coarse.checkpoint(), self._coarse.rows)
@@ -248,7 +251,10 @@ class Collection:
         self, keys: list[PointId], vectors: np.ndarray, payloads: list[str | None], sets: VectorSetBatch | None = None
     ) -> None:
         checkpoint = None
-        with self._lock.write():
+        # The slow, durable part (append + fsync, the catalog commit) runs under the writers' mutex
+        # only: searches go on meanwhile, reading the published rows. Only making the rows visible
+        # (publish, liveness, the coarse stage) takes the readers-writer lock.
+        with self._writer:
             try:
                 first = self._dense.append(vectors)
                 meta = None
@@ -264,33 +270,35 @@ class Collection:
                 if is_storage_full(exc):
                     raise storage_full(exc, f"writing {len(keys)} points") from exc
                 raise
-            self._dense.publish(first + len(keys))
-            if self._sets is not None and sets is not None:
-                self._sets.publish(sets.sizes)
-            self._append_live(len(keys))
-            self._mark_dead(replaced)
-            coarse = self._coarse
-            if coarse is not None:
-                coarse.add(vectors)
-                if coarse.needs_rebuild():
-                    self._start_rebuild()
-                if coarse.rows - self._saved_rows >= CHECKPOINT_ROWS:
-                    checkpoint = (coarse.checkpoint(), coarse.rows)
-                    self._saved_rows = coarse.rows
-        if checkpoint is not None:  # written with the lock released: searches go on meanwhile
+            with self._lock.write():
+                self._dense.publish(first + len(keys))
+                if self._sets is not None and sets is not None:
+                    self._sets.publish(sets.sizes)
+                self._append_live(len(keys))
+                self._mark_dead(replaced)
+                coarse = self._coarse
+                if coarse is not None:
+                    coarse.add(vectors)
+                    if coarse.needs_rebuild():
+                        self._start_rebuild()
+                    if coarse.rows - self._saved_rows >= CHECKPOINT_ROWS:
+                        checkpoint = (coarse.checkpoint(), coarse.rows)
+                        self._saved_rows = coarse.rows
+        if checkpoint is not None:  # written with the locks released: searches and writes go on
             self._save_checkpoint(*checkpoint)
 
     def delete(self, ids: Sequence[PointId]) -> int:
         """Tombstone points; returns how many existed. Unknown ids are ignored."""
         keys = check_ids(ids)
-        with self._lock.write():
+        with self._writer:
             try:
                 rows = self._catalog.commit_delete(keys)
             except Exception as exc:
                 if is_storage_full(exc):
                     raise storage_full(exc, f"deleting {len(keys)} points") from exc
                 raise
-            self._mark_dead(rows)
+            with self._lock.write():
+                self._mark_dead(rows)
         return len(rows)
 
     def _mark_dead(self, rows: np.ndarray) -> None:
@@ -300,7 +308,7 @@ class Collection:
 
     def compact(self) -> None:
         """Rewrite the files without deleted or replaced points, and refit the coarse stage."""
-        with self._lock.write():
+        with self._writer, self._lock.write():
             keep = np.flatnonzero(self._live)
             generation = self._generation + 1
             new_path = self._vectors_path(generation)
@@ -346,9 +354,14 @@ class Collection:
             if found is None:
                 return None
             row, payload = found
-            if self._sets is not None:  # a multi-vector point: its (m, dim) set
-                return Point(key, self._sets.read(row), payload)
-            return Point(key, self._dense.read(np.array([row]))[0], payload)
+            if row < self._dense.n_rows:
+                if self._sets is not None:  # a multi-vector point: its (m, dim) set
+                    return Point(key, self._sets.read(row), payload)
+                return Point(key, self._dense.read(np.array([row]))[0], payload)
+        # Committed by a write that is still making its rows visible: wait for it, then read.
+        with self._writer:
+            pass
+        return self.get(id)
 
     def search(
         self,
@@ -398,6 +411,9 @@ class Collection:
             if coarse is not None and not coarse.ready:
                 coarse = None  # too few points to train yet: the (small) collection is scanned
             small = allowed_rows is not None and len(allowed_rows) <= max(n_rerank, EXACT_FILTER_ROWS)
+            # Multi-vector: the query FDEs and the Chamfer rerank cost about as much as an exact
+            # scan at 3,000 documents (43 vs 41 ms measured): below that, the scan is exact and cheaper.
+            small = small or (self._sets is not None and self.count() <= MULTIVECTOR_EXACT_POINTS)
             if exact or coarse is None or small:
                 t1 = time.perf_counter()
                 rows, scores = (

@@ -87,4 +87,10 @@ class CollectionConfig(BaseModel):
 
     @property
     def effective_oversampling(self) -> float:
-        return self.oversampling if self.oversampling is not None else DEFAULT_OVERSAMPLING[self.coarse]
+        if self.oversampling is not None:
+            return self.oversampling
+        if self.coarse == "ivf":
+            # Finer codes rank better: on the glosses (256 lists probed) 1 bit needed 160 rows for
+            # recall@10 0.999, 2 bits 40 rows for 0.9988 and 80 for 0.9998, 4 bits 40 for 0.9998.
+            return {1: 16.0, 2: 8.0, 4: 4.0}[self.bits]
+        return DEFAULT_OVERSAMPLING[self.coarse]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index import Collection, CollectionConfig, MultiVectorConfig, errors
+from index import Collection, CollectionConfig, MultiVectorConfig, collection, errors
 from index.fde import chamfer
 
 DIM = 32
@@ -23,6 +23,12 @@ def topic_sets(n: int, *, seed: int, topics: int = 30) -> list[np.ndarray]:
         x = chosen[rng.integers(0, 3, m)] + 0.6 * rng.standard_normal((m, DIM))
         out.append((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
     return out
+
+
+@pytest.fixture(autouse=True)
+def two_stages(monkeypatch):
+    """These collections are small enough to be scanned exactly; the two stages are under test."""
+    monkeypatch.setattr(collection, "MULTIVECTOR_EXACT_POINTS", 0)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +133,13 @@ def test_chamfer_over_many_blocks_and_any_row_order(tmp_path, corpus):
         assert all((sets.offsets[b + 1] - sets.offsets[b]).sum() <= 100 or len(b) == 1 for b in blocks)
         expected = chamfer(queries[0], [docs[r] for r in rows])
         np.testing.assert_allclose(sets.chamfer(queries[0], rows), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_small_multivector_collections_are_scanned_exactly(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(collection, "MULTIVECTOR_EXACT_POINTS", N)
+    docs, queries = corpus
+    with Collection.create(tmp_path / "c", CollectionConfig(dim=DIM, multivector=MultiVectorConfig())) as col:
+        col.upsert(list(range(N)), docs)
+        result = col.search_detailed(queries[:5], 10)
+        assert result.candidates == N
+        assert [[h.id for h in r] for r in result.hits] == [brute_force(docs, q, 10) for q in queries[:5]]

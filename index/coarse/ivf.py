@@ -28,8 +28,9 @@ from index.coarse.base import Checkpoint, Scan, count_rows, sample, selector, wr
 
 
 class IVFCoarse:
-    #: Below this many rows there is nothing to train on: the collection scans exactly.
-    TRAIN_ROWS = 10_000
+    #: Below this many rows the collection scans exactly: on the glosses an exact scan took 0.34 ms
+    #: at 5,000 rows against 0.57 ms for the two stages, 0.94 against 0.70 ms at 10,000.
+    TRAIN_ROWS = 8_000
     #: Lists per square root of the rows it is trained on.
     LISTS_PER_SQRT = 1.0
     #: Lists probed per query (the default probe depth). With sqrt(rows) lists, recall@10 (160
