@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--nprobes", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--candidates", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--kinds", nargs="+", default=["tandem-ivf-1b", "ivf-rabitq-fs-1b", "ivf-rabitq-1b"])
+    parser.add_argument("--out", default=None, help="result name (default coarse-<corpus>)")
     args = parser.parse_args()
     if args.corpus == "npm":
         base, queries = split(npm_embeddings(), args.queries)
@@ -168,7 +169,7 @@ def main() -> None:
         if args.corpus == "1m":
             base = noisy_copies(base, 1_000_000)
     result = {"machine": machine(), args.corpus: run(args.corpus, base, queries, args.latency_queries, args)}
-    write_result(f"coarse-{args.corpus}", result)
+    write_result(args.out or f"coarse-{args.corpus}", result)
 
 
 if __name__ == "__main__":

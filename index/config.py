@@ -76,6 +76,15 @@ class CollectionConfig(BaseModel):
             data = {**data, "coarse": "binary" if data.get("multivector") is not None else "ivf"}
         return data
 
+    @model_validator(mode="after")
+    def _ivf_options_need_ivf(self) -> CollectionConfig:
+        if self.coarse != "ivf" and (self.bits != 1 or self.nprobe is not None):
+            raise ValueError(
+                f"bits and nprobe set the 'ivf' coarse stage, but this collection's is {self.coarse!r}: "
+                "drop them, or set coarse to 'ivf'"
+            )
+        return self
+
     @property
     def effective_binary_transform(self) -> BinaryTransform:
         # A query FDE is sparse (only the buckets its few vectors fall in), a document FDE dense:

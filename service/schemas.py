@@ -7,11 +7,11 @@ import binascii
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 
 from index import CollectionConfig, MultiVectorConfig
 from index.config import BinaryTransform, CoarseKind, DenseDtype, Metric
-from index.errors import InvalidVector
+from index.errors import InvalidArgument, InvalidVector
 
 PointId = StrictInt | StrictStr
 #: A vector: JSON numbers, or a base64 string of little-endian float32 bytes (4 bytes per
@@ -80,6 +80,13 @@ class CollectionCreate(_Body):
     )
 
     def index_config(self, dim: int) -> CollectionConfig:
+        """The library's config; a combination it refuses (e.g. `bits` with `coarse: binary`) is a 422."""
+        try:
+            return self._index_config(dim)
+        except ValidationError as exc:
+            raise InvalidArgument("; ".join(str(e["msg"]) for e in exc.errors())) from None
+
+    def _index_config(self, dim: int) -> CollectionConfig:
         return CollectionConfig(
             dim=dim, metric=self.metric, coarse=self.coarse, bits=self.bits, nprobe=self.nprobe, dtype=self.dtype,
             oversampling=self.oversampling, binary_transform=self.binary_transform,

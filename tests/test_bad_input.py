@@ -104,3 +104,17 @@ def test_create_and_open_errors(tmp_path):
         CollectionConfig(dim=0)
     with pytest.raises(ValueError, match="coarse"):
         CollectionConfig(dim=4, coarse="hnsw")
+
+
+@pytest.mark.parametrize(
+    "fields", [{"coarse": "binary", "bits": 2}, {"coarse": "pq", "nprobe": 8}, {"multivector": {}, "bits": 4}]
+)
+def test_ivf_options_on_another_coarse_stage_are_refused(fields):
+    with pytest.raises(ValueError, match="set coarse to 'ivf'"):
+        CollectionConfig(dim=4, **fields)
+    CollectionConfig(dim=4, bits=fields.get("bits", 1), nprobe=fields.get("nprobe"))  # fine with ivf
+
+
+def test_ivf_bits_must_be_1_2_or_4():
+    with pytest.raises(ValueError, match="bits"):
+        CollectionConfig(dim=4, bits=3)

@@ -89,6 +89,9 @@ def test_collection_lifecycle(client: httpx.Client) -> None:
     r = client.put("/collections/life", json=body)
     assert r.status_code == 200 and r.json()["status"] == "exists"
     assert_error(client.put("/collections/life", json={**body, "coarse": "flat"}), 409, "config_conflict")
+    err = assert_error(client.put("/collections/bits", json={**body, "bits": 2}), 422, "invalid_argument")
+    assert "set coarse to 'ivf'" in err["message"], err
+    assert client.get("/collections/bits").status_code == 404  # nothing was created
     info = client.get("/collections/life").json()
     assert info["name"] == "life" and info["config"]["dim"] == DIM and info["encoder"] is None
     assert info["points"] == 0 and info["disk_bytes"] > 0 and info["ram_bytes"] >= 0
