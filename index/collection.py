@@ -143,6 +143,7 @@ class Collection:
         self._coarse: CoarseStage | None = coarse_mod.make_coarse(config, stored_dim)
         self._saved_rows = 0
         self._checkpoint_lock = threading.Lock()  # one checkpoint written at a time
+        self._closed = False
         self.rebuilds = BackgroundRebuild(str(path))
         self._load_coarse()
 
@@ -219,7 +220,9 @@ class Collection:
         with self._writer, self._lock.write():
             # An untrained stage holds nothing but a row count, which open recounts: not written.
             if checkpoint and self._coarse is not None and self._coarse.ready and self._coarse.rows != self._saved_rows:
-                self._write_checkpoint(self._coarse.checkpoint(), self._coarse.rows)
+                self._write_checkpoint(self._coarse.checkpoint(), self._coarse.rows, self._generation)
+            with self._checkpoint_lock:  # waits for a checkpoint being written after a write
+                self._closed = True
             self._dense.close()
             if self._sets is not None:
                 self._sets.close()
@@ -282,7 +285,7 @@ class Collection:
                     if coarse.needs_rebuild():
                         self._start_rebuild()
                     if coarse.rows - self._saved_rows >= CHECKPOINT_ROWS:
-                        checkpoint = (coarse.checkpoint(), coarse.rows)
+                        checkpoint = (coarse.checkpoint(), coarse.rows, self._generation)
                         self._saved_rows = coarse.rows
         if checkpoint is not None:  # written with the locks released: searches and writes go on
             self._save_checkpoint(*checkpoint)
@@ -339,7 +342,9 @@ class Collection:
             coarse = coarse_mod.make_coarse(self.config, self._dense.dim)
             if coarse is not None:
                 self._coarse = coarse.rebuilt(self._dense.scan)
-                self._save_checkpoint(self._coarse.checkpoint(), self._coarse.rows)
+                if self._coarse.ready:
+                    self._write_checkpoint(self._coarse.checkpoint(), self._coarse.rows, generation)
+                self._saved_rows = self._coarse.rows
         release_free_memory()
 
     # -- reads --------------------------------------------------------------------------------
@@ -349,19 +354,20 @@ class Collection:
     def get(self, id: PointId) -> Point | None:
         """The point's id, stored vector (normalised for cosine) and payload; None if absent."""
         key = check_id(id)
-        with self._lock.read():
-            found = self._catalog.find(key)
-            if found is None:
-                return None
-            row, payload = found
-            if row < self._dense.n_rows:
-                if self._sets is not None:  # a multi-vector point: its (m, dim) set
-                    return Point(key, self._sets.read(row), payload)
-                return Point(key, self._dense.read(np.array([row]))[0], payload)
-        # Committed by a write that is still making its rows visible: wait for it, then read.
-        with self._writer:
-            pass
-        return self.get(id)
+        for _ in range(3):
+            with self._lock.read():
+                found = self._catalog.find(key)
+                if found is None:
+                    return None
+                row, payload = found
+                if row < self._dense.n_rows:
+                    if self._sets is not None:  # a multi-vector point: its (m, dim) set
+                        return Point(key, self._sets.read(row), payload)
+                    return Point(key, self._dense.read(np.array([row]))[0], payload)
+            # Committed by a write that is still making its rows visible: wait for it, then read.
+            with self._writer:
+                pass
+        raise RuntimeError(f"point {key!r} is committed at row {row} but that row was never made visible")
 
     def search(
         self,
@@ -509,7 +515,7 @@ class Collection:
 
     def stats(self) -> CollectionStats:
         ram = self._live_buf.nbytes + (self._coarse.ram_bytes() if self._coarse is not None else 0)
-        disk = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        disk = sum(_size(f) for f in self.path.iterdir())
         return CollectionStats(self.count(), int(ram), int(disk))
 
     # -- files --------------------------------------------------------------------------------
@@ -530,29 +536,29 @@ class Collection:
             if f.name not in current:
                 f.unlink()
 
-    def _save_checkpoint(self, write: coarse_mod.Checkpoint, rows: int) -> None:
+    def _save_checkpoint(self, write: coarse_mod.Checkpoint, rows: int, generation: int) -> None:
         """Write a captured checkpoint unless another is being written (the next one will do)."""
         if self._checkpoint_lock.acquire(blocking=False):
             try:
-                self._write_checkpoint(write, rows, locked=True)
+                self._write_checkpoint(write, rows, generation, locked=True)
             finally:
                 self._checkpoint_lock.release()
 
     def _write_checkpoint(
-        self, write: coarse_mod.Checkpoint, rows: int, *, locked: bool = False, generation: int | None = None
+        self, write: coarse_mod.Checkpoint, rows: int, generation: int, *, locked: bool = False
     ) -> None:
-        """Write a checkpoint of ``rows`` rows (of ``generation``, when given: skipped if the
-        collection was compacted since). Best effort: a collection opened without an up-to-date
+        """Write a checkpoint of ``rows`` rows captured at ``generation``; skipped if the collection
+        was compacted since or closed. Best effort: a collection opened without an up-to-date
         checkpoint rebuilds it from the vectors, so a full disk costs time, not data."""
         if not locked:
             with self._checkpoint_lock:
-                return self._write_checkpoint(write, rows, locked=True, generation=generation)
-        if generation is not None and generation != self._generation:
+                return self._write_checkpoint(write, rows, generation, locked=True)
+        if generation != self._generation or self._closed:
             return None
         try:
-            tag = f"{self._generation}-{rows}-{uuid.uuid4().hex[:6]}"
+            tag = f"{generation}-{rows}-{uuid.uuid4().hex[:6]}"
             state = write(self.path, tag)
-            state.update(kind=self.config.coarse, generation=self._generation)
+            state.update(kind=self.config.coarse, generation=generation)
             coarse_mod.save_state(self.path, state)
             for f in self.path.glob("coarse.*"):
                 if f.name not in ("coarse.json", state.get("file")):
@@ -583,14 +589,14 @@ class Collection:
         except (OSError, ValueError, KeyError, RuntimeError):
             self._coarse = coarse = coarse.rebuilt(self._dense.scan)
             if n_rows and coarse.ready:
-                self._write_checkpoint(coarse.checkpoint(), coarse.rows)
+                self._write_checkpoint(coarse.checkpoint(), coarse.rows, self._generation)
                 self._saved_rows = coarse.rows
             return
         if coarse.rows < n_rows:
             for start in range(coarse.rows, n_rows, 32768):
                 coarse.add(self._dense.read_range(start, min(start + 32768, n_rows)))
             if coarse.ready:
-                self._write_checkpoint(coarse.checkpoint(), coarse.rows)
+                self._write_checkpoint(coarse.checkpoint(), coarse.rows, self._generation)
                 self._saved_rows = coarse.rows
         if coarse.needs_rebuild():
             self._start_rebuild()
@@ -627,20 +633,13 @@ class Collection:
     def _rebuild_and_swap(self, fresh: CoarseStage, generation: int, cancel: threading.Event) -> bool:
         """Catch ``fresh`` up with the rows written since it was built, checkpoint it, swap it in."""
         t0 = time.perf_counter()
-        while True:  # outside the write lock, a chunk at a time, while writes go on
-            if cancel.is_set():
-                raise Cancelled
-            with self._lock.read():
-                if generation != self._generation:
-                    return False  # compacted meanwhile: the compaction built its own stage
-                start, end = fresh.rows, self._dense.n_rows
-                if end - start <= SWAP_CATCH_UP_ROWS:
-                    break
-                block = self._dense.read_range(start, min(end, start + 32768))
-            fresh.add(block)
+        if not self._catch_up(fresh, generation, cancel):
+            return False
         # Written before it is shared, so nothing changes it meanwhile; rows are caught up on open.
-        self._write_checkpoint(fresh.checkpoint(), fresh.rows, generation=generation)
+        self._write_checkpoint(fresh.checkpoint(), fresh.rows, generation)
         saved = fresh.rows
+        if not self._catch_up(fresh, generation, cancel):  # the rows written during the checkpoint
+            return False
         with self._lock.write():
             if generation != self._generation or cancel.is_set():
                 return False
@@ -654,10 +653,33 @@ class Collection:
                     self.path, fresh.rows, swapped_in)
         return True
 
+    def _catch_up(self, fresh: CoarseStage, generation: int, cancel: threading.Event) -> bool:
+        """Add the committed rows ``fresh`` lacks, a chunk at a time, outside the write lock, until
+        at most ``SWAP_CATCH_UP_ROWS`` are left. False if the collection was compacted meanwhile."""
+        while True:
+            if cancel.is_set():
+                raise Cancelled
+            with self._lock.read():
+                if generation != self._generation:
+                    return False  # compacted meanwhile: the compaction built its own stage
+                start, end = fresh.rows, self._dense.n_rows
+                if end - start <= SWAP_CATCH_UP_ROWS:
+                    return True
+                block = self._dense.read_range(start, min(end, start + 32768))
+            fresh.add(block)
+
     def drop(self) -> None:
         """Close the collection and delete its directory."""
         self.close(checkpoint=False)
         shutil.rmtree(self.path)
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file; 0 for a folder or a file removed meanwhile (a checkpoint replaced)."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except FileNotFoundError:
+        return 0
 
 
 def _keep_reserve(path: Path) -> None:
