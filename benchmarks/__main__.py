@@ -16,7 +16,7 @@ def main() -> None:
     only = sys.argv[1:] or MODULES
     for name in only:
         print(f"== benchmarks.{name}", flush=True)
-        sys.argv = [f"benchmarks.{name}"] + (["--scale-1m"] if name == "index_bench" else [])
+        sys.argv = [f"benchmarks.{name}"] + (["--growth", "--ingest", "--small"] if name == "index_bench" else [])
         runpy.run_module(f"benchmarks.{name}", run_name="__main__")
 
 
