@@ -92,7 +92,7 @@ def run(name: str, base: np.ndarray, queries: np.ndarray, n_latency: int, args: 
             t0 = time.perf_counter()
             if kind.startswith("tandem-ivf"):  # the ivf stage itself, IVF + PQ 4-bit FastScan
                 IVFCoarse.LISTS_PER_SQRT = factor
-                stage = IVFCoarse(base.shape[1], bits=bits).rebuilt(lambda: iter([(0, base)]))
+                stage = IVFCoarse(base.shape[1], bits=bits).rebuilt(lambda: iter([(0, base)]), len(base))
                 index = stage.index
                 nlist = stage.nlist
                 ram = stage.ram_bytes() / len(base)

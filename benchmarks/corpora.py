@@ -44,8 +44,9 @@ def gloss_embeddings() -> np.ndarray:
 
 def npm_texts() -> list[str]:
     """The distinct npm package summaries of 10+ characters (about 179k) from the env library's
-    ``packages/npm.tsv`` (``$TANDEM_NPM_TSV`` to point elsewhere), in file order."""
-    path = Path(os.environ.get("TANDEM_NPM_TSV", "/work/.library/env/packages/npm.tsv"))
+    ``packages/npm.tsv`` beside the repository (``$TANDEM_NPM_TSV`` to point elsewhere), in file order."""
+    default = ROOT.parent / ".library" / "env" / "packages" / "npm.tsv"
+    path = Path(os.environ.get("TANDEM_NPM_TSV", default))
     seen: set[str] = set()
     texts: list[str] = []
     with open(path, encoding="utf-8") as f:

@@ -341,7 +341,7 @@ class Collection:
             self._n_dead = 0
             coarse = coarse_mod.make_coarse(self.config, self._dense.dim)
             if coarse is not None:
-                self._coarse = coarse.rebuilt(self._dense.scan)
+                self._coarse = coarse.rebuilt(self._dense.scan, self._dense.n_rows)
                 if self._coarse.ready:
                     self._write_checkpoint(self._coarse.checkpoint(), self._coarse.rows, generation)
                 self._saved_rows = self._coarse.rows
@@ -587,7 +587,7 @@ class Collection:
             coarse.load(self.path, state)
             self._saved_rows = coarse.rows
         except (OSError, ValueError, KeyError, RuntimeError):
-            self._coarse = coarse = coarse.rebuilt(self._dense.scan)
+            self._coarse = coarse = coarse.rebuilt(self._dense.scan, n_rows)
             if n_rows and coarse.ready:
                 self._write_checkpoint(coarse.checkpoint(), coarse.rows, self._generation)
                 self._saved_rows = coarse.rows
@@ -621,7 +621,7 @@ class Collection:
                             raise Cancelled
                         yield start, block
 
-                if not self._rebuild_and_swap(stage.rebuilt(scan), generation, cancel):
+                if not self._rebuild_and_swap(stage.rebuilt(scan, rows), generation, cancel):
                     return swapped
                 swapped = True
                 with self._lock.read():

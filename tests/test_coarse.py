@@ -17,6 +17,7 @@ import pytest
 from index import Collection, CollectionConfig
 from index.coarse import IVFCoarse
 from tests.synthetic import brute_force, embeddings, queries_near, recall_at_k
+from tests.test_durability import damage_checkpoint
 
 DIM = 64
 N = 12_000
@@ -168,14 +169,7 @@ def test_damaged_ivf_checkpoint_is_rebuilt(tmp_path, data, damage):
     path = tmp_path / "c"
     with fill(path, CollectionConfig(dim=DIM), base[:5000]) as col:
         expected = ids(col.search(queries, 10))
-    state = path / "coarse.json"
-    data_file = next(p for p in path.glob("coarse.*") if p.name != "coarse.json")
-    if damage == "garbage":
-        data_file.write_bytes(b"not a coarse index")
-    elif damage == "missing":
-        state.unlink()
-    else:
-        state.write_text(state.read_text().replace('"rows": 5000', '"rows": 9000'))
+    damage_checkpoint(path, damage, 5000)
     with Collection.open(path) as col:
         assert col._coarse.ready  # noqa: SLF001
         again = ids(col.search(queries, 10))

@@ -198,7 +198,7 @@ def test_binary_gpu_copy_follows_the_codes(stand_in: CpuStandIn, tmp_path: Path)
     check(coarse, allowed)
     assert copy.index.searches == searches + len(queries)
 
-    coarse = coarse.rebuilt(lambda: iter([(0, base)]))  # a fresh copy of the re-encoded codes
+    coarse = coarse.rebuilt(lambda: iter([(0, base)]), len(base))  # a fresh copy of the re-encoded codes
     assert coarse._gpu_codes is not copy and coarse._gpu_codes is not None
     assert coarse._gpu_codes.ntotal == 3000
     check(coarse, None)
@@ -219,7 +219,7 @@ def test_pq_gpu_copy_serves_unfiltered_searches(stand_in: CpuStandIn, tmp_path: 
     queries = queries_near(base, 10, seed=6)
     coarse = PQCoarse(64)
     coarse.add(base)
-    coarse = coarse.rebuilt(lambda: iter([(0, base[:-500]), (len(base) - 500, base[-500:])]))
+    coarse = coarse.rebuilt(lambda: iter([(0, base[:-500]), (len(base) - 500, base[-500:])]), len(base))
     copy = coarse._gpu_index
     assert copy is not None and copy.ntotal == coarse.rows == len(base)
     more = embeddings(200, 64, seed=7)

@@ -103,9 +103,8 @@ def test_uncommitted_tail_is_cut_off(closed_collection):
     assert vectors.stat().st_size == size
 
 
-@pytest.mark.parametrize("damage", ["garbage", "missing", "stale"])
-def test_damaged_coarse_checkpoint_is_rebuilt(closed_collection, damage):
-    path, x, expected = closed_collection
+def damage_checkpoint(path: Path, damage: str, rows: int) -> None:
+    """Spoil the coarse checkpoint of the closed collection at ``path`` (of ``rows`` rows)."""
     state = path / "coarse.json"
     data_file = next(p for p in path.glob("coarse.*") if p.name != "coarse.json")
     if damage == "garbage":
@@ -113,7 +112,13 @@ def test_damaged_coarse_checkpoint_is_rebuilt(closed_collection, damage):
     elif damage == "missing":
         state.unlink()
     else:  # a checkpoint claiming more rows than the catalog committed
-        state.write_text(state.read_text().replace('"rows": 500', '"rows": 900'))
+        state.write_text(state.read_text().replace(f'"rows": {rows}', f'"rows": {rows + 400}'))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing", "stale"])
+def test_damaged_coarse_checkpoint_is_rebuilt(closed_collection, damage):
+    path, x, expected = closed_collection
+    damage_checkpoint(path, damage, 500)
     with Collection.open(path) as col:
         assert col.search(x[:5], 5) == expected
 

@@ -58,9 +58,9 @@ class CoarseStage(Protocol):
         """The stage no longer fits the collection (it grew past what it was trained for)."""
         ...
 
-    def rebuilt(self, scan: Scan) -> CoarseStage:
-        """A new stage trained and filled from ``scan``; ``self`` is left untouched, so searches
-        can keep using it while this runs in the background."""
+    def rebuilt(self, scan: Scan, rows: int) -> CoarseStage:
+        """A new stage trained and filled from ``scan`` (``rows`` rows); ``self`` is left
+        untouched, so searches can keep using it while this runs in the background."""
         ...
 
     def checkpoint(self) -> Checkpoint:
@@ -93,6 +93,18 @@ def write_faiss(index: Any, state: dict[str, Any]) -> Checkpoint:
     return write
 
 
+def search_ivf(index: Any, queries: np.ndarray, n: int, *, nprobe: int, allowed: np.ndarray | None) -> np.ndarray:
+    """``n`` rows per query from a faiss IVF index, probing ``nprobe`` lists, among the allowed
+    rows only, on one thread: ``(q, n) int64`` padded with -1."""
+    sel, _keep = selector(allowed)  # _keep: the bitmap must outlive the search
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    if sel is not None:
+        params.sel = sel
+    faiss.omp_set_num_threads(1)
+    _, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), n, params=params)
+    return rows  # type: ignore[no-any-return]
+
+
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     """``write(tmp_name)``, fsync, then rename over ``path``: readers see the old file or the new."""
     tmp = path.with_name(path.name + ".tmp")
@@ -108,10 +120,6 @@ def sample(scan: Scan, n: int, size: int) -> np.ndarray:
     return np.concatenate(
         [block[keep[(keep >= start) & (keep < start + len(block))] - start] for start, block in scan()]
     )
-
-
-def count_rows(scan: Scan) -> int:
-    return sum(len(block) for _, block in scan())
 
 
 def top(scores: np.ndarray, n: int) -> np.ndarray:

@@ -95,7 +95,7 @@ class BinaryCoarse:
     def needs_rebuild(self) -> bool:
         return self.transform == "center" and self.fit_rows < self.rows // 2 and self.fit_rows < self.REFIT_LIMIT
 
-    def rebuilt(self, scan: Scan) -> BinaryCoarse:
+    def rebuilt(self, scan: Scan, rows: int) -> BinaryCoarse:
         """A new stage over all rows, with the mean re-estimated over all of them."""
         fresh = BinaryCoarse(self.dim, self.transform, seed=self.seed)
         if self.transform == "center":

@@ -25,7 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.coarse.base import Checkpoint, Scan, count_rows, sample, selector, write_faiss
+from index.coarse.base import Checkpoint, Scan, sample, search_ivf, write_faiss
 
 
 class IVFCoarse:
@@ -95,10 +95,10 @@ class IVFCoarse:
             return self._pending >= self.TRAIN_ROWS
         return self.rows >= self.REGROW * self.trained_rows
 
-    def rebuilt(self, scan: Scan) -> IVFCoarse:
+    def rebuilt(self, scan: Scan, rows: int) -> IVFCoarse:
         """A new stage: k-means lists and PQ codebooks trained on a sample, then every row added."""
         fresh = IVFCoarse(self.dim, bits=self.bits, nprobe=self.nprobe_setting)
-        n = count_rows(scan)
+        n = rows
         if n < self.TRAIN_ROWS:
             fresh._pending = n
             return fresh
@@ -136,13 +136,7 @@ class IVFCoarse:
 
         ``shortlist`` is not used: the codes are already ranked against the float query.
         """
-        sel, _keep = selector(allowed)
-        params = faiss.SearchParametersIVF(nprobe=self.nprobe)
-        if sel is not None:
-            params.sel = sel
-        faiss.omp_set_num_threads(1)
-        _, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n, params=params)
-        return rows  # type: ignore[no-any-return]
+        return search_ivf(self.index, queries, n, nprobe=self.nprobe, allowed=allowed)
 
     def ram_bytes(self) -> int:
         """Codes (padded to FastScan's blocks of 32), 8-byte ids, centroids and their graph."""

@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 
 from index import device
-from index.coarse.base import Checkpoint, Scan, count_rows, sample, selector, write_faiss
+from index.coarse.base import Checkpoint, Scan, sample, search_ivf, write_faiss
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ class PQCoarse:
     def needs_rebuild(self) -> bool:
         return self.index is None and self._pending >= self.TRAIN_ROWS
 
-    def rebuilt(self, scan: Scan) -> PQCoarse:
+    def rebuilt(self, scan: Scan, rows: int) -> PQCoarse:
         """A new stage trained on a sample of the rows, then filled with all of them."""
         fresh = PQCoarse(self.dim, probe_fraction=self.probe_fraction)
-        n = count_rows(scan)
+        n = rows
         if n < self.TRAIN_ROWS:
             fresh._pending = n
             return fresh
@@ -96,13 +96,7 @@ class PQCoarse:
         if self._gpu_index is not None and allowed is None and n <= device.GPU_MAX_K:
             # faiss's GPU IVF takes no IDSelector: filtered searches stay on the CPU.
             return self._gpu_index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
-        sel, _keep = selector(allowed)
-        params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)
-        if sel is not None:
-            params.sel = sel
-        faiss.omp_set_num_threads(1)
-        _, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n, params=params)
-        return rows  # type: ignore[no-any-return]
+        return search_ivf(self.index, queries, n, nprobe=self.index.nprobe, allowed=allowed)
 
     def ram_bytes(self) -> int:
         if self.index is None:
