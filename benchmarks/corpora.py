@@ -37,6 +37,28 @@ def gloss_texts() -> list[str]:
     return texts
 
 
+#: WordNet's lexicographer files, by number (``lexfile`` in the glosses' metadata).
+LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
+    "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
+    "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
+    "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
+    "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl"
+).split()
+
+
+def gloss_metadata() -> list[tuple[str, str]]:
+    """``(part of speech, lexicographer file name)`` of each gloss, in ``gloss_texts`` order."""
+    out: list[tuple[str, str]] = []
+    for part in ("corpus-000.jsonl.gz", "corpus-001.jsonl.gz"):
+        with gzip.open(data_dir() / "wordnet_glosses" / part, "rt", encoding="utf-8") as f:
+            for line in f:
+                meta = json.loads(line).get("metadata", {})
+                out.append((meta.get("pos", "?"), LEXNAMES[int(meta.get("lexfile", 0))]))
+    return out
+
+
 def gloss_embeddings() -> np.ndarray:
     """``(117659, 384) float32`` MiniLM embeddings of the glosses, embedded once then cached."""
     return _cached_embeddings("glosses-minilm.npy", gloss_texts)

@@ -56,15 +56,19 @@ def exact_top(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def noisy_copies(base: np.ndarray, total: int, seed: int = 1) -> np.ndarray:
-    """``base`` followed by perturbed copies of its rows up to ``total`` rows, unit norm."""
+def noisy_copies(base: np.ndarray, total: int, seed: int = 1, *, sources: list[np.ndarray] | None = None) -> np.ndarray:
+    """``base`` followed by perturbed copies of its rows up to ``total`` rows, unit norm.
+    ``sources``, if given, receives the base row each copy was made from (in chunks)."""
     rng = np.random.default_rng(seed)
     extra = total - len(base)
     out = np.empty((total, base.shape[1]), dtype=np.float32)
     out[: len(base)] = base
     for start in range(0, extra, 100_000):
         n = min(100_000, extra - start)
-        x = base[rng.integers(0, len(base), n)] + rng.standard_normal((n, base.shape[1]), dtype=np.float32) * 0.03
+        source = rng.integers(0, len(base), n)
+        if sources is not None:
+            sources.append(source)
+        x = base[source] + rng.standard_normal((n, base.shape[1]), dtype=np.float32) * 0.03
         out[len(base) + start : len(base) + start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 

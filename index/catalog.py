@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from index.errors import CorruptIndex
-from index.filters import Filter
 
 PointId = str | int
 
@@ -216,12 +215,22 @@ class Catalog:
                     out[int(row)] = (key, _load(payload))
         return out
 
-    def matching_rows(self, flt: Filter) -> np.ndarray:
-        """Live rows whose payload passes the filter, ascending, ``(m,) int64``."""
-        where, params = flt.to_sql("payload")
+    def key_values(self, key: str, *, live_only: bool) -> Iterator[tuple[int, Any]]:
+        """``(row, value)`` for every row whose payload has ``key`` (dotted: nested objects), in
+        row order; values decoded from JSON (null is None). Dead rows too unless ``live_only``."""
+        path = "$" + "".join(f'."{part}"' for part in key.split("."))
+        live = "AND live = 1" if live_only else ""
         with self._reading() as db:
-            cursor = db.execute(f"SELECT row FROM points WHERE live = 1 AND ({where}) ORDER BY row", params)
-            return np.fromiter((r[0] for r in cursor), dtype=np.int64)
+            # `->` gives the value as JSON text (NULL when the key is absent): one parse of the
+            # payload, and true, 1 and "1" stay distinct. Decoded in one json.loads per chunk.
+            cursor = db.execute(
+                f"SELECT row, payload -> ? FROM points WHERE payload IS NOT NULL {live} ORDER BY row", (path,)
+            )
+            while chunk := cursor.fetchmany(65536):
+                found = [(row, text) for row, text in chunk if text is not None]
+                if found:
+                    values = json.loads("[" + ",".join(text for _, text in found) + "]")
+                    yield from zip((row for row, _ in found), values, strict=True)
 
     def check(self, n_rows: int) -> None:
         top = self.max_row()

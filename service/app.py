@@ -14,7 +14,7 @@ from service import errors
 from service.deps import require_api_key
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
-from service.routes import collections, health, jobs, points, search
+from service.routes import collections, health, jobs, payload, points, search
 from service.runtime import Runtime
 from service.schemas import ErrorBody
 from service.settings import Settings
@@ -75,7 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     protected = [Depends(require_api_key)]
-    for router in (collections.router, points.router, search.router, jobs.router):
+    for router in (collections.router, points.router, search.router, payload.router, jobs.router):
         app.include_router(router, dependencies=protected, responses=ERROR_RESPONSES)
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,

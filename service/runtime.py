@@ -232,7 +232,7 @@ class Runtime:
             queries = _vector(req.vector, opened, "vector")[None, :]
         result = await self._search(opened, queries, req)
         self.metrics.observe_stages(encode_s, result.coarse_s, result.rerank_s, result.candidates)
-        return _response(result.hits[0], t0, encode_s or 0.0, result.coarse_s, result.rerank_s)
+        return _response(result.hits[0], t0, encode_s or 0.0, result.coarse_s, result.rerank_s, result.filter_indexed)
 
     async def search_batch(
         self, opened: OpenCollection, reqs: list[schemas.SearchRequest]
@@ -275,7 +275,8 @@ class Runtime:
                     encode_s / len(reqs) if reqs[i].text is not None else None,
                     result.coarse_s / n, result.rerank_s / n, result.candidates,
                 )
-                out[i] = _response(result.hits[j], t0, encode_s / len(reqs), result.coarse_s / n, result.rerank_s / n)
+                out[i] = _response(result.hits[j], t0, encode_s / len(reqs), result.coarse_s / n,
+                                   result.rerank_s / n, result.filter_indexed)
         return [r for r in out if r is not None]
 
     # -- writes -----------------------------------------------------------------------------
@@ -397,9 +398,10 @@ def _vector(values: schemas.Vector | None, opened: OpenCollection, where: str) -
 
 
 def _response(
-    hits: Sequence[Any], t0: float, encode_s: float, coarse_s: float, rerank_s: float
+    hits: Sequence[Any], t0: float, encode_s: float, coarse_s: float, rerank_s: float, filter_indexed: bool | None
 ) -> schemas.SearchResponse:
     return schemas.SearchResponse(
+        filter_indexed=filter_indexed,
         hits=[schemas.Hit(id=h.id, score=h.score, payload=h.payload) for h in hits],
         took_ms=(time.perf_counter() - t0) * 1000,
         stages_ms=schemas.StagesMs(encode=encode_s * 1000, coarse=coarse_s * 1000, rerank=rerank_s * 1000),

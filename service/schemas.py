@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from index import CollectionConfig, MultiVectorConfig
 from index.config import BinaryTransform, CoarseKind, DenseDtype, Metric
 from index.errors import InvalidArgument, InvalidVector
+from index.filters import KEY_PATTERN as PAYLOAD_KEY_PATTERN
+from index.payload_index import PayloadType
 
 PointId = StrictInt | StrictStr
 #: A vector: JSON numbers, or a base64 string of little-endian float32 bytes (4 bytes per
@@ -34,8 +36,12 @@ def vector_array(value: Vector) -> np.ndarray:
 Filter = dict[str, Any]
 
 _FILTER_DOC = (
-    'payload filter: {"must": [{"key": "lang", "match": "en"}], "must_not": [...], '
-    '"should": [{"key": "year", "any": [2023, 2024]}]}; dotted keys reach nested objects'
+    'payload filter: {"must": [...], "should": [...], "must_not": [...]}, each a list of conditions or '
+    'nested filters. Conditions: {"key": "lang", "match": "en"} (also a value inside an array), '
+    '{"key": "year", "any": [2023, 2024]}, {"key": "year", "range": {"gte": 2020, "lt": 2024}} (numbers, or '
+    'RFC 3339 datetimes as strings), {"key": "rank", "exists": true} (present, not null), '
+    '{"key": "note", "is_null": true}. Dotted keys reach nested objects. Keys with a payload index '
+    "(PUT /collections/{name}/index) are answered from RAM; others from the stored payloads, slower"
 )
 
 
@@ -49,6 +55,13 @@ class Status(BaseModel):
 
 
 # -- collections --------------------------------------------------------------------------------
+class PayloadIndexInfo(BaseModel):
+    key: str
+    type: PayloadType
+    points: int = Field(..., description="live points that hold the key (not null)")
+    ram_bytes: int = Field(..., description="RAM of the index's posting lists")
+
+
 class CollectionCreate(_Body):
     """Body of PUT /collections/{name}. Everything but `dim` (or `encoder`) has a default."""
 
@@ -103,6 +116,7 @@ class CollectionInfo(BaseModel):
     ram_bytes: int = Field(..., description="RAM held by the coarse stage and bookkeeping")
     disk_bytes: int = Field(..., description="bytes of the collection's files")
     created_at: float = Field(..., description="Unix time")
+    payload_indexes: list[PayloadIndexInfo] = Field(default_factory=list, description="indexed payload keys")
 
 
 class CollectionCreated(BaseModel):
@@ -206,6 +220,56 @@ class SearchResponse(BaseModel):
     hits: list[Hit]
     took_ms: float
     stages_ms: StagesMs
+    filter_indexed: bool | None = Field(
+        None, description="null without a filter; false when a filter key has no payload index (slower)"
+    )
+
+
+# -- payload indexes, count and facet -----------------------------------------------------------
+class PayloadIndexCreate(_Body):
+    """Body of PUT /collections/{name}/index."""
+
+    key: str = Field(..., pattern=PAYLOAD_KEY_PATTERN, max_length=256, examples=["lang"],
+                     description="payload key; dotted to reach nested objects")
+    type: PayloadType = Field(
+        ..., description="keyword (strings: match, any, facet), integer and float (numbers: match, range), "
+        "bool (match true/false), datetime (RFC 3339 strings: range)"
+    )
+
+
+class PayloadIndexCreated(BaseModel):
+    status: Literal["created", "exists"]
+    index: PayloadIndexInfo
+
+
+class PayloadIndexList(BaseModel):
+    indexes: list[PayloadIndexInfo]
+
+
+class CountRequest(_Body):
+    filter: Filter | None = Field(None, description=_FILTER_DOC)
+
+
+class CountResponse(BaseModel):
+    count: int = Field(..., description="live points that pass the filter (exact)")
+    filter_indexed: bool | None = None
+
+
+class FacetRequest(_Body):
+    key: str = Field(..., pattern=PAYLOAD_KEY_PATTERN, max_length=256,
+                     description="a key with a keyword or bool payload index")
+    filter: Filter | None = Field(None, description=_FILTER_DOC)
+    limit: int = Field(100, ge=1, le=10_000, description="most values returned")
+
+
+class FacetValue(BaseModel):
+    value: str | bool
+    count: int
+
+
+class FacetResponse(BaseModel):
+    key: str
+    values: list[FacetValue] = Field(..., description="points per value, most first")
 
 
 class SearchBatch(_Body):

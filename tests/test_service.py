@@ -384,6 +384,9 @@ def test_auth(locked_server: Server) -> None:
         assert r.headers["www-authenticate"] == "Bearer"
         assert_error(c.put("/collections/a", json={"dim": 4}, headers={"Authorization": API_KEY}), 401)
         assert_error(c.get("/jobs/x"), 401)
+        assert_error(c.put("/collections/a/index", json={"key": "k", "type": "keyword"}), 401)
+        assert_error(c.post("/collections/a/count", json={}), 401)
+        assert_error(c.post("/collections/a/facet", json={"key": "k"}), 401)
         ok = {"Authorization": f"Bearer {API_KEY}"}
         assert c.get("/collections", headers=ok).status_code == 200
         assert c.put("/collections/a", json={"encoder": "minilm"}, headers=ok).status_code == 201

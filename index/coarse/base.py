@@ -12,6 +12,7 @@ Concurrency comes from concurrent searches in separate threads instead.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,6 +20,9 @@ from typing import Any, Protocol
 
 import faiss
 import numpy as np
+
+from index.coarse.lists import ListMembership, filtered_share, widened
+from index.row_sets import Allowed
 
 Chunks = Iterable[tuple[int, np.ndarray]]  # (first_row, (c, dim) float32) from DenseStore.scan
 Scan = Callable[[], Chunks]  # a fresh pass over the rows each call
@@ -45,14 +49,19 @@ class CoarseStage(Protocol):
         n: int,
         *,
         shortlist: int,
-        allowed: np.ndarray | None,
+        allowed: Allowed | None,
         code_queries: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Best ``n`` rows per query among the ``allowed`` ones (``(rows,) bool``, None: all),
-        ``(q, n) int64`` padded with -1."""
+        """At least the best ``n`` rows per query among the ``allowed`` ones (None: all),
+        ``(q, n') int64`` padded with -1; more under a filter (``lists.widened``)."""
         ...
 
     def ram_bytes(self) -> int: ...
+
+    def scanned_rows(self, share: float = 1.0) -> int:
+        """Codes a search scans per query under a filter that leaves ``share`` of the rows (what
+        a filtered search weighs exact scoring of those rows against)."""
+        ...
 
     def needs_rebuild(self) -> bool:
         """The stage no longer fits the collection (it grew past what it was trained for)."""
@@ -72,13 +81,12 @@ class CoarseStage(Protocol):
     def load(self, directory: Path, state: dict[str, Any]) -> None: ...
 
 
-def selector(allowed: np.ndarray | None) -> tuple[Any, Any]:
-    """faiss selector over an ``(n,) bool`` mask (None: everything). Returns it and its buffer,
+def selector(allowed: Allowed | None) -> tuple[Any, Any]:
+    """faiss selector over the allowed rows (None: everything). Returns it and its buffer,
     which must outlive the search."""
     if allowed is None:
         return None, None
-    bits = np.packbits(allowed, bitorder="little")
-    return faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits)), bits
+    return faiss.IDSelectorBitmap(len(allowed.bits), faiss.swig_ptr(allowed.bits)), allowed.bits
 
 
 def write_faiss(index: Any, state: dict[str, Any]) -> Checkpoint:
@@ -93,16 +101,62 @@ def write_faiss(index: Any, state: dict[str, Any]) -> Checkpoint:
     return write
 
 
-def search_ivf(index: Any, queries: np.ndarray, n: int, *, nprobe: int, allowed: np.ndarray | None) -> np.ndarray:
-    """``n`` rows per query from a faiss IVF index, probing ``nprobe`` lists, among the allowed
-    rows only, on one thread: ``(q, n) int64`` padded with -1."""
+def filtered_nprobe(nprobe: int, nlist: int, share: float) -> int:
+    """Lists to probe under a filter that leaves ``share`` of the rows, when the rows per list
+    that pass are not known (see ``index.coarse.lists``)."""
+    return min(nlist, math.ceil(nlist * filtered_share(nprobe, nlist, share)))
+
+
+def search_ivf(
+    index: Any,
+    queries: np.ndarray,
+    n: int,
+    *,
+    nprobe: int,
+    allowed: Allowed | None,
+    lists: ListMembership | None = None,
+) -> np.ndarray:
+    """``n`` rows per query from a faiss IVF index, among the allowed rows only, on one thread:
+    ``(q, n') int64`` padded with -1, where ``n' >= n`` under a filter (``lists.widened``).
+
+    Unfiltered (``allowed`` None, or masking deleted rows only), the ``nprobe`` nearest lists
+    are probed. Under a filter (``allowed.rows``), the lists ``lists`` chooses for it (or,
+    without it, more of the nearest). A query left with fewer than ``n``
+    rows while more pass is searched again over every list: whenever ``n`` rows pass, ``n``
+    come back."""
     sel, _keep = selector(allowed)  # _keep: the bitmap must outlive the search
+    nlist = int(index.nlist)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    faiss.omp_set_num_threads(1)
+    passing = int(index.ntotal) if allowed is None else allowed.count
+    if allowed is not None and allowed.rows is not None and lists is not None:
+        assign, dis, local = lists.probes(queries, allowed.rows, nprobe)
+        probed = assign.shape[1]
+        n = max(widened(n, float(share)) for share in local)
+        distances = np.empty((len(queries), n), dtype=np.float32)
+        rows = np.empty((len(queries), n), dtype=np.int64)
+        index.search_preassigned_c(
+            len(queries), faiss.swig_ptr(queries), n, faiss.swig_ptr(assign), faiss.swig_ptr(dis),
+            faiss.swig_ptr(distances), faiss.swig_ptr(rows), False, _ivf_params(probed, sel),
+        )
+    else:
+        if allowed is not None and allowed.rows is not None:
+            share = passing / max(int(index.ntotal), 1)
+            nprobe = filtered_nprobe(nprobe, nlist, share)
+            n = widened(n, share)
+        probed = nprobe
+        _, rows = index.search(queries, n, params=_ivf_params(nprobe, sel))
+    short = np.flatnonzero((rows >= 0).sum(axis=1) < min(n, passing))
+    if len(short) and probed < nlist:
+        _, rows[short] = index.search(queries[short], n, params=_ivf_params(nlist, sel))
+    return rows
+
+
+def _ivf_params(nprobe: int, sel: Any) -> Any:
     params = faiss.SearchParametersIVF(nprobe=nprobe)
     if sel is not None:
         params.sel = sel
-    faiss.omp_set_num_threads(1)
-    _, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), n, params=params)
-    return rows  # type: ignore[no-any-return]
+    return params
 
 
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:

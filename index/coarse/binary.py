@@ -17,6 +17,8 @@ import numpy as np
 
 from index import device
 from index.coarse.base import Checkpoint, Scan, atomic_write, top
+from index.coarse.lists import widened
+from index.row_sets import Allowed
 
 
 class BinaryCoarse:
@@ -116,10 +118,11 @@ class BinaryCoarse:
         n: int,
         *,
         shortlist: int,
-        allowed: np.ndarray | None,
+        allowed: Allowed | None,
         code_queries: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Best ``n`` rows per query, ``(q, n) int64`` padded with -1.
+        """Best ``n`` rows per query (more under a filter, ``lists.widened``), ``(q, n) int64``
+        padded with -1.
 
         A Hamming shortlist of ``shortlist`` rows is rescored asymmetrically in RAM:
         ``<q', b>`` with ``b`` in {-1, +1}^dim, ``q'`` the transformed float query.
@@ -128,11 +131,13 @@ class BinaryCoarse:
         """
         projected = self._project(queries)
         qcodes = self.encode(code_queries if code_queries is not None else queries)
+        if allowed is not None and allowed.rows is not None:
+            n = widened(n, allowed.count / max(self.rows, 1))
         width = max(n, shortlist)
         faiss.omp_set_num_threads(1)
         out = np.full((len(queries), n), -1, dtype=np.int64)
         for i in range(len(queries)):
-            rows = self._shortlist(qcodes[i : i + 1], width, allowed)
+            rows = self._shortlist(qcodes[i : i + 1], width, None if allowed is None else allowed.mask())
             if width > n and len(rows) > n:
                 rows = rows[top(bit_products(projected[i], np.take(self._buffer, rows, axis=0)), n)]
             out[i, : len(rows)] = rows[:n]
@@ -172,6 +177,9 @@ class BinaryCoarse:
             _, found = faiss.knn_hamming(qcode, self.codes, k, variant=variant)
         result: np.ndarray = found[0]
         return result
+
+    def scanned_rows(self, share: float = 1.0) -> int:
+        return self.rows  # every code, every query
 
     def ram_bytes(self) -> int:
         extra = self.mean.nbytes + (self.rotation.nbytes if self.rotation is not None else 0)

@@ -26,6 +26,8 @@ import faiss
 import numpy as np
 
 from index.coarse.base import Checkpoint, Scan, sample, search_ivf, write_faiss
+from index.coarse.lists import ListMembership, filtered_share
+from index.row_sets import Allowed
 
 
 class IVFCoarse:
@@ -57,6 +59,7 @@ class IVFCoarse:
         want = max(1, dim * bits // 4)
         self.m = max(m for m in range(1, want + 1) if dim % m == 0)
         self.index: Any = None
+        self.lists: ListMembership | None = None  # the list of each row, for filtered searches
         self.trained_rows = 0
         self._pending = 0  # rows seen while untrained
         self._ram: tuple[int, int] = (-1, 0)  # (rows, bytes) of the last ram_bytes()
@@ -85,10 +88,10 @@ class IVFCoarse:
 
     # -- writes -------------------------------------------------------------------------------
     def add(self, vectors: np.ndarray) -> None:
-        if self.index is None:
+        if self.index is None or self.lists is None:
             self._pending += len(vectors)
         else:
-            self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+            self.lists.add(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def needs_rebuild(self) -> bool:
         if self.index is None:
@@ -119,6 +122,7 @@ class IVFCoarse:
         for _, block in scan():
             index.add(block)
         fresh.index = index
+        fresh.lists = ListMembership(index)
         fresh.trained_rows = n
         return fresh
 
@@ -129,14 +133,19 @@ class IVFCoarse:
         n: int,
         *,
         shortlist: int,
-        allowed: np.ndarray | None,
+        allowed: Allowed | None,
         code_queries: np.ndarray | None = None,
     ) -> np.ndarray:
         """Best ``n`` rows per query by the codes' asymmetric inner product, ``(q, n) int64``.
 
         ``shortlist`` is not used: the codes are already ranked against the float query.
         """
-        return search_ivf(self.index, queries, n, nprobe=self.nprobe, allowed=allowed)
+        return search_ivf(self.index, queries, n, nprobe=self.nprobe, allowed=allowed, lists=self.lists)
+
+    def scanned_rows(self, share: float = 1.0) -> int:
+        if self.index is None:
+            return 0
+        return math.ceil(self.rows * filtered_share(self.nprobe, self.nlist, share))
 
     def ram_bytes(self) -> int:
         """Codes (padded to FastScan's blocks of 32), 8-byte ids, centroids and their graph."""
@@ -151,7 +160,8 @@ class IVFCoarse:
             quantizer = self.nlist * self.dim * 4
             if self.nlist >= self.HNSW_LISTS:
                 quantizer += self.nlist * 2 * 32 * 4  # level-0 links dominate the graph
-            self._ram = (self.rows, codes + quantizer + self.m * 16 * (self.dim // self.m) * 4)
+            lists = self.lists.ram_bytes() if self.lists is not None else 0
+            self._ram = (self.rows, codes + quantizer + self.m * 16 * (self.dim // self.m) * 4 + lists)
         return self._ram[1]
 
     # -- files --------------------------------------------------------------------------------
@@ -172,4 +182,5 @@ class IVFCoarse:
         if index.ntotal != state["rows"] or index.d != self.dim:
             raise ValueError(f"coarse file holds {index.ntotal} x {index.d}, expected {state['rows']} x {self.dim}")
         self.index = index
+        self.lists = ListMembership(index)
         self.trained_rows = int(state["trained_rows"])

@@ -13,7 +13,8 @@ import faiss
 import numpy as np
 
 from index import device
-from index.coarse.base import Checkpoint, Scan, sample, search_ivf, write_faiss
+from index.coarse.base import Checkpoint, Scan, filtered_nprobe, sample, search_ivf, write_faiss
+from index.row_sets import Allowed
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +91,18 @@ class PQCoarse:
         n: int,
         *,
         shortlist: int,
-        allowed: np.ndarray | None,
+        allowed: Allowed | None,
         code_queries: np.ndarray | None = None,
     ) -> np.ndarray:
         if self._gpu_index is not None and allowed is None and n <= device.GPU_MAX_K:
             # faiss's GPU IVF takes no IDSelector: filtered searches stay on the CPU.
             return self._gpu_index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
         return search_ivf(self.index, queries, n, nprobe=self.index.nprobe, allowed=allowed)
+
+    def scanned_rows(self, share: float = 1.0) -> int:
+        if self.index is None:
+            return 0
+        return int(self.index.ntotal * filtered_nprobe(self.index.nprobe, self.index.nlist, share) // self.index.nlist)
 
     def ram_bytes(self) -> int:
         if self.index is None:

@@ -7,6 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import CollectionDep, CollectionName, ReadyRuntime
 from service.registry import OpenCollection, check_name
+from service.routes.payload import indexes
 from service.schemas import CollectionCreate, CollectionCreated, CollectionInfo, CollectionList, Dropped
 
 router = APIRouter(prefix="/collections", tags=["collections"])
@@ -17,7 +18,7 @@ def info(opened: OpenCollection) -> CollectionInfo:
     return CollectionInfo(
         name=opened.name, config=opened.collection.config, encoder=opened.encoder,
         points=stats.points, ram_bytes=stats.ram_bytes, disk_bytes=stats.disk_bytes,
-        created_at=opened.created_at,
+        created_at=opened.created_at, payload_indexes=indexes(opened),
     )
 
 
