@@ -54,7 +54,7 @@ MISSING: Any = object()  # the key is absent from the payload
 
 def _bitmap(rows: list[int]) -> BitMap:
     # Rows arrive ascending (an array may list a row twice): past a few, the buffer path is faster.
-    return bitmap(np.unique(np.asarray(rows, dtype=np.uint32))) if len(rows) > 64 else BitMap(rows)
+    return bitmap(np.asarray(rows, dtype=np.uint32)) if len(rows) > 64 else BitMap(rows)
 
 
 def value_at(payload: dict[str, Any] | None, key: str) -> Any:
@@ -75,6 +75,11 @@ class SortedValues:
     BUCKET = 4096
     #: The tail is merged into the sorted part once it holds this many pairs, or 1/16 of it.
     TAIL = 4096
+    #: A key with one value per row also keeps, every this many buckets, the bitmap of all rows
+    #: in the buckets before: a range over many buckets is then the difference of two of these
+    #: (word operations over dense containers) plus at most 2 x STEP bucket bitmaps. The union
+    #: of 122 buckets of 4,096 rows took 1.7 ms at 1M rows.
+    STEP = 16
 
     def __init__(self, dtype: type[np.floating[Any]] | type[np.integer[Any]]) -> None:
         self._dtype = dtype
@@ -85,12 +90,16 @@ class SortedValues:
         self._tail_values = np.empty(1024, dtype=dtype)
         self._tail_rows = np.empty(1024, dtype=np.uint32)
         self._tail = 0
+        self._below: list[BitMap] = []  # _below[j]: rows of buckets [0, j * STEP)
+        self.multi = False  # some row has several values (an array): no _below
 
     def __len__(self) -> int:
         return len(self._values) + self._tail
 
     def add(self, values: np.ndarray, rows: np.ndarray) -> None:
+        """Pairs of one batch of rows, rows ascending (a row twice: an array of values)."""
         n = len(values)
+        self.multi = self.multi or bool(np.any(rows[1:] == rows[:-1]))
         if self._tail + n > len(self._tail_values):
             size = max(self._tail + n, 2 * len(self._tail_values))
             self._tail_values = np.resize(self._tail_values, size)
@@ -123,6 +132,15 @@ class SortedValues:
         starts = np.unique(np.concatenate([snapped, runs[long], run_ends[long], [n]]))
         self._starts = starts
         self._maps = [bitmap(np.sort(self._rows[a:b])) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        for m in self._maps:
+            m.run_optimize()  # a run of equal values over consecutive rows is one run
+        self._below = []
+        if not self.multi:
+            below = BitMap()
+            for j in range(0, len(self._maps) + 1, self.STEP):
+                if j:
+                    below = below | BitMap.union(*self._maps[j - self.STEP : j])
+                self._below.append(below)
 
     def range(self, low: float | None, low_inclusive: bool, high: float | None, high_inclusive: bool) -> BitMap:
         out = BitMap()
@@ -136,13 +154,13 @@ class SortedValues:
             first = int(np.searchsorted(starts, i0, side="left"))  # first bucket starting at or after i0
             last = int(np.searchsorted(starts, i1, side="right")) - 1  # buckets before it end by i1
             if first < last:
-                out = BitMap.union(*self._maps[first:last])
+                out = self._union(first, last)
                 edges = [(i0, int(starts[first])), (int(starts[last]), i1)]
             else:
                 edges = [(i0, i1)]
             for a, b in edges:
                 if a < b:
-                    out |= bitmap(np.unique(self._rows[a:b]))
+                    out |= bitmap(np.sort(self._rows[a:b]))
         if self._tail:
             tail = self._tail_values[: self._tail]
             keep = np.ones(self._tail, dtype=bool)
@@ -151,11 +169,19 @@ class SortedValues:
             if high is not None:
                 keep &= tail <= high if high_inclusive else tail < high
             if keep.any():
-                out |= bitmap(np.unique(self._tail_rows[: self._tail][keep]))
+                out |= bitmap(self._tail_rows[: self._tail][keep])
         return out
 
+    def _union(self, first: int, last: int) -> BitMap:
+        """Rows of buckets ``[first, last)``."""
+        a, b = -(-first // self.STEP), last // self.STEP  # whole steps inside
+        if not self._below or a >= b:
+            return BitMap.union(*self._maps[first:last])
+        return BitMap.union(self._below[b] - self._below[a], *self._maps[first : a * self.STEP],
+                            *self._maps[b * self.STEP : last])
+
     def ram_bytes(self) -> int:
-        maps = sum(len(m.serialize()) for m in self._maps)
+        maps = sum(len(m.serialize()) for m in [*self._maps, *self._below])
         return int(self._values.nbytes + self._rows.nbytes + self._starts.nbytes + maps
                    + self._tail_values.nbytes + self._tail_rows.nbytes)
 

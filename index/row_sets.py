@@ -23,8 +23,9 @@ _SERIAL_COOKIE_NO_RUN = 12346
 
 
 def bitmap(rows: np.ndarray) -> BitMap:
-    """A bitmap of ascending ``rows`` (any integer dtype), built through the buffer protocol:
-    ~10x faster than from a numpy array, which pyroaring iterates element by element."""
+    """A bitmap of ``rows`` (any integer dtype; ascending is fastest, repeats are fine), built
+    through the buffer protocol: ~10x faster than from a numpy array, which pyroaring iterates
+    element by element."""
     return BitMap(array.array("I", np.ascontiguousarray(rows, dtype=np.uint32).tobytes()))
 
 

@@ -407,3 +407,37 @@ def test_packed_bits_match_numpy(rows, ranges, n, optimize):
     kept = BitMap(inside.tolist())
     allowed = Allowed.of_bitmap(kept, n)
     assert np.array_equal(allowed.mask(), mask) and allowed.count == len(inside)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_sorted_values_ranges_match_numpy(monkeypatch, multi):
+    """Bucket edges, whole steps of buckets, the unsorted tail, runs of equal values."""
+    from index.payload_index import SortedValues
+
+    monkeypatch.setattr(SortedValues, "BUCKET", 8)
+    monkeypatch.setattr(SortedValues, "STEP", 4)
+    monkeypatch.setattr(SortedValues, "TAIL", 50)
+    rng = np.random.default_rng(3)
+    index = SortedValues(np.float64)
+    pairs_rows, pairs_values = [], []
+    for start in range(0, 3000, 300):  # batches of rows, as writes bring them
+        rows = np.arange(start, start + 300, dtype=np.uint32)
+        if multi:
+            rows = np.sort(np.concatenate([rows, rows[::7]]))
+        values = np.round(rng.normal(size=len(rows)), 1)  # many repeats: runs of equal values
+        index.add(values, rows)
+        pairs_rows.append(rows)
+        pairs_values.append(values)
+    rows, values = np.concatenate(pairs_rows), np.concatenate(pairs_values)
+    assert index.multi == multi and len(index) == len(rows)
+    for _ in range(200):
+        low, high = np.sort(np.round(rng.normal(size=2) * 1.5, 1))
+        low_inc, high_inc = bool(rng.integers(2)), bool(rng.integers(2))
+        use_low, use_high = bool(rng.integers(4)), bool(rng.integers(4))
+        keep = np.ones(len(values), dtype=bool)
+        if use_low:
+            keep &= values >= low if low_inc else values > low
+        if use_high:
+            keep &= values <= high if high_inc else values < high
+        got = index.range(low if use_low else None, low_inc, high if use_high else None, high_inc)
+        assert sorted(got) == sorted(set(rows[keep].tolist()))
