@@ -215,6 +215,14 @@ class Catalog:
                     out[int(row)] = (key, _load(payload))
         return out
 
+    def payloads(self, *, live_only: bool) -> Iterator[tuple[list[int], list[str]]]:
+        """``(rows, payloads as JSON text)`` in chunks, in row order, rows with a payload only."""
+        live = "AND live = 1" if live_only else ""
+        with self._reading() as db:
+            cursor = db.execute(f"SELECT row, payload FROM points WHERE payload IS NOT NULL {live} ORDER BY row")
+            while chunk := cursor.fetchmany(65536):
+                yield [row for row, _ in chunk], [text for _, text in chunk]
+
     def key_values(self, key: str, *, live_only: bool) -> Iterator[tuple[int, Any]]:
         """``(row, value)`` for every row whose payload has ``key`` (dotted: nested objects), in
         row order; values decoded from JSON (null is None). Dead rows too unless ``live_only``."""

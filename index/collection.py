@@ -156,8 +156,7 @@ class Collection:
         self._n_dead = int(n_rows - self._live_buf.sum())
         self._live_rows = bitmap(np.flatnonzero(self._live))  # the same, as a roaring bitmap
         self._payload = PayloadIndexes(json.loads(catalog.get_meta("payload_indexes") or "{}"))
-        for key, type in self._payload.types.items():
-            self._payload.fields[key] = PayloadIndexes.build(key, type, catalog.key_values(key, live_only=True))
+        self._payload.rebuild(catalog.payloads(live_only=True))
         self._remove_stale_files()
         _keep_reserve(path)
         self._coarse: CoarseStage | None = coarse_mod.make_coarse(config, stored_dim)
@@ -365,10 +364,7 @@ class Collection:
             self._live_rows = BitMap(range(len(keep)))
             self._n_rows = len(keep)
             self._n_dead = 0
-            for key, type in self._payload.types.items():  # rows were renumbered
-                self._payload.fields[key] = PayloadIndexes.build(
-                    key, type, self._catalog.key_values(key, live_only=True)
-                )
+            self._payload.rebuild(self._catalog.payloads(live_only=True))  # rows were renumbered
             coarse = coarse_mod.make_coarse(self.config, self._dense.dim)
             if coarse is not None:
                 self._coarse = coarse.rebuilt(self._dense.scan, self._dense.n_rows)

@@ -314,6 +314,17 @@ class PayloadIndexes:
         """An index of ``key`` holding what ``needs`` asks for: for one query on an unindexed key."""
         return _fill(FieldIndex(key, needs), values)
 
+    def rebuild(self, chunks: Iterable[tuple[list[int], list[str]]]) -> None:
+        """Build every declared index in one pass over ``(rows, payloads as JSON text)`` chunks:
+        each payload is parsed once, not once per key (1M rows, 6 keys: see filter_bench)."""
+        self.fields = {key: FieldIndex(key, ANSWERS[type]) for key, type in self.types.items()}
+        if not self.fields:
+            return
+        for rows, texts in chunks:
+            decoded = json.loads("[" + ",".join(texts) + "]")
+            for key, field in self.fields.items():
+                field.add(rows, [value_at(p, key) for p in decoded])
+
     def prepare(self, payloads: Sequence[str | None]) -> list[tuple[FieldIndex, list[Any]]]:
         """Each index's values in these payloads (JSON text, as the catalog holds them), for ``add``:
         decoded before the collection takes its write lock."""

@@ -8,6 +8,7 @@ same points through declared payload indexes, through the catalog (no index), an
 from __future__ import annotations
 
 import json
+import operator
 import os
 import signal
 import subprocess
@@ -62,8 +63,8 @@ def ref_in_range(item, bounds):
         item, bounds = ref_datetime(item), {k: ref_datetime(v) for k, v in bounds.items()}
     elif isinstance(item, bool) or not isinstance(item, int | float):
         return False
-    checks = {"gt": item.__gt__, "gte": item.__ge__, "lt": item.__lt__, "lte": item.__le__}
-    return all(checks[name](bound) is True for name, bound in bounds.items())
+    checks = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}
+    return all(checks[name](item, bound) for name, bound in bounds.items())
 
 
 def ref_condition(payload, cond):
