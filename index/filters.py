@@ -187,7 +187,8 @@ def _filter(spec: Any, where: str, depth: int) -> Filter:
         raise InvalidFilter(f"{where}: filters nest at most {_MAX_DEPTH} deep")
     unknown = set(spec) - set(_CLAUSES)
     if unknown:
-        raise InvalidFilter(f"{where}: unknown clause {sorted(unknown)[0]!r}: use one of {', '.join(_CLAUSES)}")
+        first = sorted(unknown)[0]
+        raise InvalidFilter(f"unknown filter clause {first!r} in {where}: use one of {', '.join(_CLAUSES)}")
     parsed: dict[str, tuple[Condition | Filter, ...]] = {}
     for clause in _CLAUSES:
         items = spec.get(clause, [])

@@ -25,6 +25,7 @@ from index import device
 from index.coarse import BinaryCoarse, PQCoarse
 from index.coarse.base import top as _top
 from index.coarse.binary import bit_products as _bit_products
+from index.row_sets import Allowed
 from service.settings import Settings
 from tests.server import REPO_ROOT, Server
 from tests.synthetic import embeddings, queries_near
@@ -233,7 +234,7 @@ def test_pq_gpu_copy_serves_unfiltered_searches(stand_in: CpuStandIn, tmp_path: 
 
     allowed = np.zeros(coarse.rows, dtype=bool)
     allowed[::3] = True
-    filtered = coarse.candidates(queries, 50, shortlist=50, allowed=allowed)
+    filtered = coarse.candidates(queries, 50, shortlist=50, allowed=Allowed.of_mask(allowed))
     assert copy.index.searches == 1  # a filter stays on the CPU
     assert allowed[filtered[filtered >= 0]].all()
 

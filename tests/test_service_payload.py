@@ -23,9 +23,10 @@ def payloads(client: httpx.Client) -> list[dict[str, Any]]:
     x = unit_vectors(300, seed=3)
     payloads = [{"lang": LANGS[i % 3], "year": 2000 + i % 25, "tags": ["a", "b"][: i % 3],
                  "at": f"2024-0{1 + i % 9}-15T12:00:00Z"} for i in range(300)]
-    points = [{"id": i, "vector": x[i].tolist(), "payload": payloads[i]} for i in range(300)]
-    r = client.put("/collections/pay/points", params={"wait": "true"}, json={"points": points})
-    assert r.status_code == 200, r.text
+    for start in range(0, 300, 50):
+        points = [{"id": i, "vector": x[i].tolist(), "payload": payloads[i]} for i in range(start, start + 50)]
+        r = client.put("/collections/pay/points", params={"wait": "true"}, json={"points": points})
+        assert r.status_code == 200, r.text
     return payloads
 
 
