@@ -46,6 +46,7 @@ from index.batch import (
 )
 from index.catalog import Catalog
 from index.coarse import CoarseStage
+from index.coarse.lists import widened
 from index.config import CollectionConfig
 from index.dense_store import DenseStore
 from index.errors import (
@@ -445,9 +446,10 @@ class Collection:
                 allowed = Allowed.of_bitmap(passing, self._n_rows)
                 # Few rows pass: score them all, read from disk in file order, when that costs
                 # less than the coarse stage would (its codes scanned, in exact scores of equal
-                # cost) plus its rerank.
-                scanned = coarse.scanned_rows(allowed.count / max(self.count(), 1)) if coarse is not None else 0
-                if allowed.count <= n_rerank + scanned // EXACT_COST_RATIO:
+                # cost) plus its rerank (widened under a filter).
+                share = allowed.count / max(self.count(), 1)
+                scanned = coarse.scanned_rows(share) if coarse is not None else 0
+                if allowed.count <= widened(n_rerank, share) + scanned // EXACT_COST_RATIO:
                     exact = True
             # Multi-vector: the query FDEs and the Chamfer rerank cost about as much as an exact
             # scan at 3,000 documents (43 vs 41 ms measured): below that, the scan is exact and cheaper.
@@ -632,6 +634,7 @@ class Collection:
 
     def stats(self) -> CollectionStats:
         ram = self._live_buf.nbytes + (self._coarse.ram_bytes() if self._coarse is not None else 0)
+        ram += len(self._live_rows.serialize()) + sum(i["ram_bytes"] for i in self.payload_indexes().values())
         disk = sum(_size(f) for f in self.path.iterdir())
         return CollectionStats(self.count(), int(ram), int(disk))
 

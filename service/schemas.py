@@ -113,7 +113,7 @@ class CollectionInfo(BaseModel):
     config: CollectionConfig
     encoder: str | None
     points: int = Field(..., description="live points")
-    ram_bytes: int = Field(..., description="RAM held by the coarse stage and bookkeeping")
+    ram_bytes: int = Field(..., description="RAM held by the coarse stage, payload indexes and bookkeeping")
     disk_bytes: int = Field(..., description="bytes of the collection's files")
     created_at: float = Field(..., description="Unix time")
     payload_indexes: list[PayloadIndexInfo] = Field(default_factory=list, description="indexed payload keys")
