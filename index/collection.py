@@ -275,7 +275,6 @@ class Collection:
         self, keys: list[PointId], vectors: np.ndarray, payloads: list[str | None], sets: VectorSetBatch | None = None
     ) -> None:
         checkpoint = None
-        indexed = None
         # The slow, durable part (append + fsync, the catalog commit) runs under the writers' mutex
         # only: searches go on meanwhile, reading the published rows. Only making the rows visible
         # (publish, liveness, the coarse stage) takes the readers-writer lock.
@@ -295,9 +294,9 @@ class Collection:
                 if is_storage_full(exc):
                     raise storage_full(exc, f"writing {len(keys)} points") from exc
                 raise
-            indexed = self._payload.prepare(payloads)
+            prepared = self._payload.prepare(payloads)  # payloads decoded outside the lock
             with self._lock.write():
-                self._payload.add(first, indexed)
+                self._payload.add(first, prepared)
                 self._dense.publish(first + len(keys))
                 if self._sets is not None and sets is not None:
                     self._sets.publish(sets.sizes)
