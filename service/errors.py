@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -118,10 +119,26 @@ def error_response(status: int, type_: str, message: str, headers: dict[str, str
     return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
 
 
+_INTERNAL = "internal error; the server log holds the details under this request id"
+
+
 def internal_error_response() -> JSONResponse:
-    return error_response(
-        500, "internal", "internal error; the server log holds the details under this request id"
-    )
+    return error_response(500, "internal", _INTERNAL)
+
+
+#: ``render(status, type, message) -> (status, body)``: a foreign dialect's error shape.
+Render = Callable[[int, str, str], tuple[int, dict[str, Any]]]
+
+
+def _respond(request: Request, status: int, type_: str, message: str,
+             headers: dict[str, str] | None = None) -> JSONResponse:
+    """tandem's error shape, or that of the dialect (``service.compat``) whose prefix the path has."""
+    dialects: dict[str, Render] = getattr(request.app.state, "error_dialects", {})
+    for prefix, render in dialects.items():
+        if request.url.path.startswith(prefix):
+            status, body = render(status, type_, message)
+            return JSONResponse(body, status_code=status, headers=headers)
+    return error_response(status, type_, message, headers)
 
 
 async def _mapped(request: Request, exc: Exception) -> JSONResponse:
@@ -131,8 +148,8 @@ async def _mapped(request: Request, exc: Exception) -> JSONResponse:
         return await _mapped(request, index_errors.storage_full(exc, f"{request.method} {request.url.path}"))
     if status is None:
         logger.error("unhandled %s", type(exc).__name__, exc_info=exc)
-        return internal_error_response()
-    return error_response(status, type_name(exc), str(exc), getattr(exc, "headers", None))
+        return _respond(request, 500, "internal", _INTERNAL)
+    return _respond(request, status, type_name(exc), str(exc), getattr(exc, "headers", None))
 
 
 _HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
@@ -147,26 +164,28 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}: see /docs"
     if exc.status_code >= 500:
-        return internal_error_response()
-    return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"), message,
-                          dict(exc.headers) if exc.headers else None)
+        return _respond(request, 500, "internal", _INTERNAL)
+    return _respond(request, exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"), message,
+                    dict(exc.headers) if exc.headers else None)
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = exc.errors()
     if any(p.get("type") == "json_invalid" for p in problems):
-        return error_response(400, "invalid_json", "the request body is not valid JSON")
+        return _respond(request, 400, "invalid_json", "the request body is not valid JSON")
     parts = []
     for p in problems[:10]:
         loc = ".".join(str(x) for x in p.get("loc", ()) if x != "body")
         msg = str(p.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-    return error_response(422, "validation_error", "; ".join(parts) + more)
+    return _respond(request, 422, "validation_error", "; ".join(parts) + more)
 
 
-def install(app: FastAPI) -> None:
-    """Register the handlers; the request-context middleware answers anything that escapes."""
+def install(app: FastAPI, dialects: dict[str, Render] | None = None) -> None:
+    """Register the handlers; the request-context middleware answers anything that escapes.
+    ``dialects``: path prefix -> error shape of a foreign API served under it."""
+    app.state.error_dialects = dict(dialects or {})
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]  # starlette's handler type is too narrow
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]  # idem
     for cls in (*STATUS, OSError, sqlite3.Error):  # the last two: 507 when the disk is full, else 500

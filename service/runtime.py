@@ -49,6 +49,7 @@ class Runtime:
         self.metrics = metrics
         self.registry = CollectionRegistry(settings.data_dir)
         self.encoders: dict[str, TextEncoder] = {}
+        self.started_at = time.time()
         self.batcher: MicroBatcher[str, np.ndarray] | None = None
         self.jobs: JobStore | None = None
         self.ingestor: Ingestor | None = None

@@ -316,12 +316,15 @@ def test_every_route_is_listed() -> None:
 
 @pytest.mark.parametrize(("method", "path"), ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
 def test_api_key_on_every_route_but_health_and_metrics(keyed_server: Server, method: str, path: str) -> None:
-    url = path.replace("{name}", "secured").replace("{point_id}", "1").replace("{job_id}", "nojob")
+    url = path.replace("{name}", "secured").replace("{point_id}", "1").replace("{job_id}", "nojob") \
+        .replace("{key}", "k")
     with keyed_server.client() as c:
         for headers in ({}, {"Authorization": "Bearer wrong-key-but-long"}, {"Authorization": API_KEY}):
             r = c.request(method, url, json={}, headers=headers)
             if path in OPEN:
                 assert r.status_code == 200, (method, path, r.text)
+            elif path.startswith("/v1/"):  # the OpenAI dialect answers in OpenAI's shape
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
             else:
                 assert_error(r, 401, "unauthorized")
         r = c.request(method, url, json={}, headers={"Authorization": f"Bearer {API_KEY}"})
