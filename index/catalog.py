@@ -215,6 +215,16 @@ class Catalog:
                     out[int(row)] = (key, _load(payload))
         return out
 
+    def rows_of_ids(self, keys: Sequence[PointId]) -> np.ndarray:
+        """Rows of the live points with these ids (any order), ``(m,) int64``."""
+        found: list[int] = []
+        with self._reading() as db:
+            for chunk in _chunks(keys):
+                marks = ",".join("?" * len(chunk))
+                found.extend(r[0] for r in db.execute(
+                    f"SELECT row FROM points WHERE live = 1 AND key IN ({marks})", tuple(chunk)))
+        return np.asarray(found, dtype=np.int64)
+
     def payloads(self, *, live_only: bool) -> Iterator[tuple[list[int], list[str]]]:
         """``(rows, payloads as JSON text)`` in chunks, in row order, rows with a payload only."""
         live = "AND live = 1" if live_only else ""

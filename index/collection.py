@@ -62,7 +62,7 @@ from index.filters import Filter, Need
 from index.locks import ReadWriteLock
 from index.payload_index import FieldIndex, PayloadIndexes, PayloadType
 from index.rebuild import BackgroundRebuild, Cancelled, release_free_memory
-from index.row_sets import Allowed, bitmap
+from index.row_sets import Allowed, bitmap, rows_of
 from index.vector_sets import VectorSetStore
 
 logger = logging.getLogger(__name__)
@@ -497,7 +497,35 @@ class Collection:
                 built[key] = PayloadIndexes.build_for(key, needs[key], self._catalog.key_values(key, live_only=False))
             return built[key]
 
-        return flt.rows(self._live_rows, resolve), not built
+        def rows_of_ids(ids: tuple[PointId, ...]) -> BitMap:
+            return bitmap(np.sort(self._catalog.rows_of_ids(check_ids(list(ids)))))
+
+        return flt.rows(self._live_rows, resolve, rows_of_ids), not built
+
+    def scroll(
+        self, *, filter: Any = None, limit: int = 10, offset: PointId | None = None, with_payload: bool = True
+    ) -> tuple[list[tuple[PointId, dict[str, Any] | None]], PointId | None]:
+        """Points in id order (integers, then strings), from ``offset`` on, at most ``limit``, that
+        pass ``filter``; and the id to continue from (None: no more). ``(id, payload)`` each.
+        Sorts the ids of every passing point: O(passing points) a call."""
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
+            raise InvalidArgument(f"limit must be an integer from 1 to 10000, got {limit!r}")
+        start = None if offset is None else check_id(offset)
+        flt = Filter.parse(filter) if filter is not None else None
+        with self._lock.read():
+            rows = self._live_rows if flt is None else self._filter_rows(flt)[0]
+            found = self._catalog.describe(rows_of(rows).tolist(), with_payload=False)
+
+            def order(key: PointId) -> tuple[bool, int, str]:
+                return (isinstance(key, str), key if isinstance(key, int) else 0, key if isinstance(key, str) else "")
+
+            ids = sorted((key for key, _ in found.values()), key=order)
+            if start is not None:
+                ids = [key for key in ids if order(key) >= order(start)]
+            page, rest = ids[:limit], ids[limit : limit + 1]
+            row_of = {key: row for row, (key, _) in found.items()}
+            payloads = self._catalog.describe([row_of[key] for key in page], with_payload=with_payload)
+            return [(key, payloads[row_of[key]][1]) for key in page], (rest[0] if rest else None)
 
     def count(self, filter: Any = None) -> int:
         """Live points, or those that pass ``filter`` (exact)."""

@@ -15,8 +15,9 @@ A clause lists conditions or nested filters, at any depth. Conditions:
   by value (``2 == 2.0``).
 - ``range`` with ``gt``, ``gte``, ``lt``, ``lte``: numbers, or RFC 3339 datetimes when the bounds
   are strings (a datetime without an offset is UTC).
-- ``exists``: the key is present and not null; ``is_null``: the key is present and null.
-  Either takes ``false`` for its negation.
+- ``exists``: the key is present and not null; ``is_null``: the key is present and null;
+  ``is_empty``: the key is absent, null or an empty array. Each takes ``false`` for its negation.
+- ``{"has_id": [ids]}`` (no key): the point's id is one of these.
 
 A key may be dotted to reach into nested objects (``"meta.source"``). Evaluation
 (``Filter.rows``) asks a ``resolve(key, need)`` function for the key's ``FieldIndex``: a payload
@@ -43,7 +44,8 @@ _KEY = re.compile(KEY_PATTERN)
 _MAX_ANY = 1000
 _MAX_DEPTH = 16
 _BOUNDS = ("gt", "gte", "lt", "lte")
-_OPERATORS = ("match", "any", "range", "exists", "is_null")
+_OPERATORS = ("match", "any", "range", "exists", "is_null", "is_empty")
+_MAX_IDS = 10_000
 
 
 def parse_datetime(value: str) -> int | None:
@@ -97,17 +99,25 @@ class Range:
 
 @dataclass(frozen=True)
 class Presence:
-    """``exists`` (present and not null) or ``is_null`` (present and null); ``negate`` for false."""
+    """``exists`` (present and not null), ``is_null`` (present and null) or ``is_empty`` (absent,
+    null or []): ``which``; ``negate`` for false."""
 
     key: str
-    null: bool
+    which: Literal["exists", "is_null", "is_empty"]
     negate: bool
 
     def needs(self) -> set[Need]:
         return {"presence"}
 
 
-Condition = Match | Range | Presence
+@dataclass(frozen=True)
+class HasId:
+    """``has_id``: the point's id is one of ``ids``."""
+
+    ids: tuple[str | int, ...]
+
+
+Condition = Match | Range | Presence | HasId
 
 
 class FieldIndex(Protocol):
@@ -118,10 +128,13 @@ class FieldIndex(Protocol):
     def range(self, condition: Range) -> BitMap: ...
     def present(self) -> BitMap: ...
     def null(self) -> BitMap: ...
+    def empty(self) -> BitMap: ...
 
 
 #: ``resolve(key, needs)`` -> the key's index, able to answer conditions needing ``needs``.
 Resolve = Callable[[str, set[Need]], FieldIndex]
+#: ``rows_of_ids(ids)`` -> the rows of the live points with these ids.
+RowsOfIds = Callable[[tuple[str | int, ...]], BitMap]
 
 
 @dataclass(frozen=True)
@@ -144,23 +157,25 @@ class Filter:
         """Per key, what its conditions ask of it."""
         return self._needs
 
-    def rows(self, universe: BitMap, resolve: Resolve) -> BitMap:
+    def rows(self, universe: BitMap, resolve: Resolve, rows_of_ids: RowsOfIds) -> BitMap:
         """The rows of ``universe`` (the live points) that pass the filter."""
         out = universe.copy()
         for item in self.must:
-            out &= _rows(item, universe, resolve)
+            out &= _rows(item, universe, resolve, rows_of_ids)
             if not out:
                 return out
         if self.should:
-            out &= BitMap.union(*(_rows(item, universe, resolve) for item in self.should))
+            out &= BitMap.union(*(_rows(item, universe, resolve, rows_of_ids) for item in self.should))
         if self.must_not and out:
-            out -= BitMap.union(*(_rows(item, universe, resolve) for item in self.must_not))
+            out -= BitMap.union(*(_rows(item, universe, resolve, rows_of_ids) for item in self.must_not))
         return out
 
 
-def _rows(item: Condition | Filter, universe: BitMap, resolve: Resolve) -> BitMap:
+def _rows(item: Condition | Filter, universe: BitMap, resolve: Resolve, rows_of_ids: RowsOfIds) -> BitMap:
     if isinstance(item, Filter):
-        return item.rows(universe, resolve)
+        return item.rows(universe, resolve, rows_of_ids)
+    if isinstance(item, HasId):
+        return rows_of_ids(item.ids) & universe
     index = resolve(item.key, item.needs())
     if isinstance(item, Match):
         if len(item.values) == 1:
@@ -168,7 +183,10 @@ def _rows(item: Condition | Filter, universe: BitMap, resolve: Resolve) -> BitMa
         return BitMap.union(*(index.match(v) for v in item.values))
     if isinstance(item, Range):
         return index.range(item)
-    found = index.null() if item.null else index.present()
+    if item.which == "is_empty":  # absent, null or []: not a present, non-empty value
+        empty = universe - (index.present() - index.empty())
+        return universe - empty if item.negate else empty
+    found = index.null() if item.which == "is_null" else index.present()
     return universe - found if item.negate else found
 
 
@@ -176,7 +194,7 @@ def _collect(flt: Filter, needs: dict[str, set[Need]]) -> None:
     for item in (*flt.must, *flt.must_not, *flt.should):
         if isinstance(item, Filter):
             _collect(item, needs)
-        else:
+        elif not isinstance(item, HasId):
             needs.setdefault(item.key, set()).update(item.needs())
 
 
@@ -207,6 +225,13 @@ def _item(spec: Any, where: str, depth: int) -> Condition | Filter:
 def _condition(spec: Any, where: str) -> Condition:
     if not isinstance(spec, dict):
         raise InvalidFilter(f"{where} must be an object like {{'key': ..., 'match': ...}} or a nested filter")
+    if set(spec) == {"has_id"}:
+        ids = spec["has_id"]
+        if not isinstance(ids, list) or not 1 <= len(ids) <= _MAX_IDS or not all(
+            isinstance(i, str) or (isinstance(i, int) and not isinstance(i, bool) and i >= 0) for i in ids
+        ):
+            raise InvalidFilter(f"{where}: 'has_id' takes a list of 1 to {_MAX_IDS} ids (strings, integers >= 0)")
+        return HasId(tuple(ids))
     key = spec.get("key")
     if not isinstance(key, str) or not _KEY.match(key):
         raise InvalidFilter(f"{where} needs a 'key': letters, digits, '_', '-', dotted for nesting")
@@ -228,7 +253,7 @@ def _condition(spec: Any, where: str) -> Condition:
         return _range(key, value, where)
     if not isinstance(value, bool):
         raise InvalidFilter(f"{where}: {op!r} takes true or false, got {value!r}")
-    return Presence(key, null=op == "is_null", negate=not value)
+    return Presence(key, which=op, negate=not value)
 
 
 def _range(key: str, spec: Any, where: str) -> Range:

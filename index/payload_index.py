@@ -199,6 +199,7 @@ class FieldIndex:
         self.datetimes = SortedValues(np.int64)
         self._present = BitMap()
         self._null = BitMap()
+        self._empty = BitMap()  # present as []
 
     def add(self, rows: Sequence[int], values: Sequence[Any]) -> None:
         """``values[i]``: the decoded JSON value at the key in row ``rows[i]``'s payload, or ``MISSING``."""
@@ -217,6 +218,8 @@ class FieldIndex:
                 null.append(row)
                 continue
             present.append(row)
+            if isinstance(value, list) and not value:
+                self._empty.add(row)
             for item in value if isinstance(value, list) else (value,):
                 if isinstance(item, bool):
                     if want_bools:
@@ -270,6 +273,9 @@ class FieldIndex:
     def null(self) -> BitMap:
         return self._null
 
+    def empty(self) -> BitMap:
+        return self._empty
+
     # -- facets and accounting -----------------------------------------------------------------
     def counts(self, allowed: BitMap) -> list[tuple[Scalar, int]]:
         """Rows of ``allowed`` per string or boolean value, largest first (ties by value)."""
@@ -283,7 +289,7 @@ class FieldIndex:
         return found
 
     def ram_bytes(self) -> int:
-        maps = [*self.strings.values(), *self.bools.values(), self._present, self._null]
+        maps = [*self.strings.values(), *self.bools.values(), self._present, self._null, self._empty]
         # ~100 bytes of Python object per distinct string beside its bitmap.
         return (sum(len(m.serialize()) for m in maps) + 100 * len(self.strings)
                 + self.numbers.ram_bytes() + self.datetimes.ram_bytes())

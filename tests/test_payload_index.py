@@ -68,6 +68,8 @@ def ref_in_range(item, bounds):
 
 
 def ref_condition(payload, cond):
+    if "has_id" in cond:
+        return payload.get("__id__") in cond["has_id"]
     if "key" not in cond:  # a nested filter
         return ref_filter(payload, cond)
     value = ref_value(payload, cond["key"])
@@ -76,6 +78,8 @@ def ref_condition(payload, cond):
         return (value is not MISSING and value is not None) == cond["exists"]
     if "is_null" in cond:
         return (value is None) == cond["is_null"]
+    if "is_empty" in cond:
+        return (value is MISSING or value is None or value == []) == cond["is_empty"]
     if value is MISSING or value is None:
         return False
     if "match" in cond:
@@ -149,6 +153,8 @@ def conditions():
         st.builds(lambda r: {"key": "d", "range": r}, range_of(st.sampled_from(DATES[:5]))),
         st.builds(lambda k, v: {"key": k, "exists": v}, st.sampled_from([*INDEXED, "m"]), st.booleans()),
         st.builds(lambda k, v: {"key": k, "is_null": v}, st.sampled_from([*INDEXED, "m"]), st.booleans()),
+        st.builds(lambda k, v: {"key": k, "is_empty": v}, st.sampled_from([*INDEXED, "m"]), st.booleans()),
+        st.builds(lambda ids: {"has_id": ids}, st.lists(st.integers(0, 40), min_size=1, max_size=5)),
     )
 
 
@@ -192,13 +198,13 @@ def test_filters_match_the_reference(pair, batch, flt, replace):
         col.delete(list(range(len(batch), len(batch) + 30)))  # drop what earlier, longer batches left
         if replace and len(batch) > replace:  # replace some again, with their own payloads
             col.upsert(ids[:replace], vectors[:replace], batch[:replace])
-    expected = sum(ref_filter(p if p is not None else {}, flt) for p in batch)
-    assert indexed.count(filter=flt) == expected
-    assert plain.count(filter=flt) == expected
-    k = len(batch)
+    seen = [{**(p or {}), "__id__": i} for i, p in enumerate(batch)]  # the reference's view of has_id
+    expected = [i for i, p in enumerate(seen) if ref_filter(p, flt)]
+    assert indexed.count(filter=flt) == len(expected)
+    assert plain.count(filter=flt) == len(expected)
     for col in (indexed, plain):
-        hits = col.search(np.ones(4, dtype=np.float32), k, filter=flt, exact=True)[0]
-        assert sorted(h.id for h in hits) == [i for i, p in enumerate(batch) if ref_filter(p or {}, flt)]
+        hits = col.search(np.ones(4, dtype=np.float32), len(batch), filter=flt, exact=True)[0]
+        assert sorted(h.id for h in hits) == expected
 
 
 # -- maintenance ------------------------------------------------------------------------------
@@ -442,3 +448,24 @@ def test_sorted_values_ranges_match_numpy(monkeypatch, multi):
             keep &= values <= high if high_inc else values < high
         got = index.range(low if use_low else None, low_inc, high if use_high else None, high_inc)
         assert sorted(got) == sorted(set(rows[keep].tolist()))
+
+
+def test_scroll_pages_through_points_in_id_order(tmp_path):
+    col = Collection.create(tmp_path / "c", CollectionConfig(dim=4, coarse="flat"))
+    ids = [5, "b", 1, "a", 30, 2, "c"]
+    col.upsert(ids, np.ones((len(ids), 4), dtype=np.float32), [{"even": isinstance(i, int) and i % 2 == 0}
+                                                               for i in ids])
+    col.delete([30])
+    seen, offset = [], None
+    while True:
+        page, offset = col.scroll(limit=2, offset=offset)
+        seen += [key for key, _ in page]
+        if offset is None:
+            break
+    assert seen == [1, 2, 5, "a", "b", "c"]
+    page, offset = col.scroll(filter={"must": [{"key": "even", "match": True}]}, limit=10)
+    assert page == [(2, {"even": True})] and offset is None
+    assert col.scroll(limit=3, offset="b", with_payload=False) == ([("b", None), ("c", None)], None)
+    with pytest.raises(InvalidArgument, match="limit must be"):
+        col.scroll(limit=0)
+    col.close()
