@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 
 from service import errors
-from service.compat import openai
+from service.compat import openai, qdrant
 from service.deps import require_api_key
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
@@ -73,12 +73,13 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.runtime = runtime
     app.state.settings = settings
-    errors.install(app, dialects={openai.ERROR_PREFIX: openai.error_body})
+    errors.install(app, dialects={openai.ERROR_PREFIX: openai.error_body, qdrant.ERROR_PREFIX: qdrant.error_body})
     app.include_router(health.router)
     protected = [Depends(require_api_key)]
     for router in (collections.router, points.router, search.router, payload.router, jobs.router):
         app.include_router(router, dependencies=protected, responses=ERROR_RESPONSES)
     app.include_router(openai.router, dependencies=protected, responses=openai.ERROR_RESPONSES)
+    app.include_router(qdrant.router, responses=qdrant.ERROR_RESPONSES)  # its own key check: api-key or Bearer
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
         access_log=settings.access_log, max_in_flight=settings.max_in_flight,
