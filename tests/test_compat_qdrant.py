@@ -172,3 +172,27 @@ def test_api_key_header(keyed_server: Server) -> None:
     client = connect(keyed_server, api_key=API_KEY)
     assert client.create_collection("k", vectors_config=m.VectorParams(size=4, distance=m.Distance.COSINE))
     assert client.get_collections().collections[0].name == "k"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("points/query", {"query": [0.1] * DIM, "limit": "ten"}),
+        ("points/query", {"query": {"nearest": {"name": [1.0]}}}),
+        ("points/query", {"query": [0.1] * DIM, "score_threshold": "high"}),
+        ("points/query", {"query": [0.1] * DIM, "prefetch": [{"query": [0.1] * DIM}]}),
+        ("points/search", {"vector": [0.1] * DIM, "filter": {"must": [{"key": "g", "match": {"text": "x"}}]}}),
+        ("points/search", {"vector": [0.1] * DIM, "filter": {"min_should": {"conditions": [], "min_count": 1}}}),
+        ("points/scroll", {"limit": 0}),
+        ("points/scroll", {"offset": [1]}),
+        ("points", {"ids": "1"}),
+        ("points/delete", {}),
+        ("points/count", {"filter": "group=a"}),
+    ],
+)
+def test_bad_requests_get_400_in_qdrant_shape(qc: Any, server: Server, path: str, body: dict[str, Any]) -> None:
+    import httpx
+
+    r = httpx.post(f"{server.url}/qdrant/collections/qd/{path}", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"status", "time"} and r.json()["status"]["error"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
@@ -160,6 +159,15 @@ def _key(spec: Any, where: str) -> str:
     if not isinstance(spec, dict) or not isinstance(spec.get("key"), str):
         raise BadRequest(f"{where} must name a key: {{'key': ...}}")
     return str(spec["key"])
+
+
+def _number(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"{key} must be an integer from {low} to {high}, got {value!r}")
+    return value
 
 
 # -- points out -----------------------------------------------------------------------------------
@@ -377,7 +385,7 @@ async def scroll(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str,
         raise BadRequest("order_by is not supported: points come in id order")
     page, after = await run_in_threadpool(
         opened.guarded, opened.collection.scroll, filter=to_filter(body.get("filter")),
-        limit=body.get("limit") or 10, offset=body.get("offset"), with_payload=True,
+        limit=_number(body, "limit", 10, 1, 10_000), offset=body.get("offset"), with_payload=True,
     )
     records = await _records(opened, page, body.get("with_payload", True), body.get("with_vector"))
     return _ok({"points": records, "next_page_offset": after}, t0)
@@ -395,7 +403,7 @@ async def _search(opened: OpenCollection, runtime: Runtime, vector: Any, body: d
     if isinstance(vector, dict) or not isinstance(vector, list):
         raise BadRequest("the query must be a list of numbers: named, sparse and multi-vector queries are not "
                          "supported")
-    limit, offset = int(body.get("limit") or 10), int(body.get("offset") or 0)
+    limit, offset = _number(body, "limit", 10, 1, 10_000), _number(body, "offset", 0, 0, 10_000)
     with_payload = body.get("with_payload", False)
     try:
         request = schemas.SearchRequest(vector=vector, k=limit + offset, filter=to_filter(body.get("filter")),
@@ -404,6 +412,8 @@ async def _search(opened: OpenCollection, runtime: Runtime, vector: Any, body: d
         raise BadRequest(str(exc)) from None
     hits = (await runtime.search(opened, request)).hits[offset:]
     threshold = body.get("score_threshold")
+    if threshold is not None and (not isinstance(threshold, int | float) or isinstance(threshold, bool)):
+        raise BadRequest("score_threshold must be a number")
     if threshold is not None:
         hits = [h for h in hits if h.score >= threshold]
     vectors = await _vectors(opened, [h.id for h in hits], body.get("with_vector"))
@@ -428,19 +438,17 @@ async def query(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str, 
     return _ok({"points": await _search(_open(runtime, name), runtime, vector, body)}, t0)
 
 
-UNSUPPORTED: dict[str, str] = {
-    "/collections/{name}/snapshots": "snapshots",
-    "/collections/{name}/shards": "shard keys",
-    "/collections/aliases": "aliases",
-}
+@router.api_route("/collections/{name}/snapshots", methods=["GET", "POST", "PUT"],
+                  summary="snapshots: not supported (tandem's own online backup is in the README)")
+async def snapshots(name: Name) -> dict[str, Any]:
+    raise BadRequest("snapshots are not supported by tandem's Qdrant API")
 
 
-def _unsupported(what: str) -> Callable[..., Any]:
-    async def answer() -> dict[str, Any]:
-        raise BadRequest(f"{what} are not supported by tandem's Qdrant API")
-
-    return answer
+@router.api_route("/collections/{name}/shards", methods=["GET", "POST", "PUT"], summary="shard keys: not supported")
+async def shards(name: Name) -> dict[str, Any]:
+    raise BadRequest("shard keys are not supported by tandem's Qdrant API")
 
 
-for _path, _what in UNSUPPORTED.items():
-    router.add_api_route(_path, _unsupported(_what), methods=["GET", "POST", "PUT"], summary=f"{_what}: not supported")
+@router.api_route("/collections/aliases", methods=["GET", "POST", "PUT"], summary="aliases: not supported")
+async def aliases() -> dict[str, Any]:
+    raise BadRequest("aliases are not supported by tandem's Qdrant API")
