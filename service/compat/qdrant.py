@@ -314,7 +314,7 @@ async def upsert(name: Name, body: JsonBody, runtime: ReadyRuntime, wait: Wait =
             raise BadRequest("give 'points': [{'id', 'vector', 'payload'}] or a 'batch'")
     points = []
     for i, record in enumerate(records):
-        vector = record.get("vector") if isinstance(record, dict) else None
+        vector = _unnamed(record.get("vector")) if isinstance(record, dict) else None
         if isinstance(vector, dict):
             raise BadRequest(f"points[{i}]: named and sparse vectors are not supported; send a list of numbers")
         try:
@@ -399,7 +399,18 @@ async def count(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str, 
     return _ok({"count": n}, t0)
 
 
+def _unnamed(vector: Any) -> Any:
+    """The default vector's name is "" (LangChain names it so): ``{"": v}`` and
+    ``{"name": "", "vector": v}`` are ``v``."""
+    if isinstance(vector, dict) and set(vector) == {""}:
+        return vector[""]
+    if isinstance(vector, dict) and vector.get("name") == "" and "vector" in vector:
+        return vector["vector"]
+    return vector
+
+
 async def _search(opened: OpenCollection, runtime: Runtime, vector: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
+    vector = _unnamed(vector)
     if isinstance(vector, dict) or not isinstance(vector, list):
         raise BadRequest("the query must be a list of numbers: named, sparse and multi-vector queries are not "
                          "supported")
@@ -431,7 +442,7 @@ async def search(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str,
 async def query(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str, Any]:
     t0 = time.perf_counter()
     for unsupported in ("prefetch", "using", "lookup_from"):
-        if body.get(unsupported):
+        if body.get(unsupported):  # using "" is the default vector
             raise BadRequest(f"{unsupported} is not supported by tandem's Qdrant API")
     q = body.get("query")
     vector = q.get("nearest") if isinstance(q, dict) else q
