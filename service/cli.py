@@ -1,8 +1,9 @@
-"""`tandem`: serve, export-model, eval.
+"""`tandem`: serve, export-model, eval; and, against a running server, ingest, search, collections.
 
     tandem serve [--host H] [--port P] [--data-dir D] [--models-dir M] [--api-key K] ...
     tandem export-model --models-dir models
     tandem eval --dataset PATH [--models-dir models]
+    tandem ingest FILE --collection NAME / search --collection NAME --text T / collections [NAME]
 
 Every `serve` flag is also a `TANDEM_*` environment variable (flags win); `tandem serve --help`
 lists them with their defaults.
@@ -19,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from service import client_cli
 from service.logs import configure_logging
 from service.settings import Settings
 
@@ -86,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--models-dir", type=Path, default=Path("models"))
     ev.add_argument("--model", default="minilm")
     ev.add_argument("--threads", type=int, default=None)
+    client_cli.add_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in ("ingest", "search", "collections"):
+        return client_cli.run(args)
 
     if args.command == "serve":
         try:
