@@ -498,7 +498,7 @@ class Collection:
             return built[key]
 
         def rows_of_ids(ids: tuple[PointId, ...]) -> BitMap:
-            return bitmap(np.sort(self._catalog.rows_of_ids(check_ids(list(ids)))))
+            return bitmap(np.sort(self._catalog.rows_of_ids(check_ids(list(dict.fromkeys(ids))))))
 
         return flt.rows(self._live_rows, resolve, rows_of_ids), not built
 

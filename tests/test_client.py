@@ -23,6 +23,7 @@ from tests.server import REPO_ROOT, Server
 pytestmark = pytest.mark.slow
 
 DIM = 16
+VECS = "client_vecs"  # names unique on the session's shared server
 
 
 def unit(n: int, seed: int) -> np.ndarray:
@@ -32,30 +33,30 @@ def unit(n: int, seed: int) -> np.ndarray:
 
 def test_client_calls_and_typed_errors(server: Server) -> None:
     with Client(server.url) as tandem:
-        tandem.create_collection("cl", dim=DIM)
+        tandem.create_collection(VECS, dim=DIM)
         x = unit(50, 1)
-        assert tandem.upsert("cl", [{"id": i, "vector": x[i].tolist(), "payload": {"odd": i % 2 == 1}}
+        assert tandem.upsert(VECS, [{"id": i, "vector": x[i].tolist(), "payload": {"odd": i % 2 == 1}}
                                     for i in range(50)]) == 50
-        hits = tandem.search("cl", vector=x[7], k=3)
+        hits = tandem.search(VECS, vector=x[7], k=3)
         assert hits[0]["id"] == 7 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
-        assert tandem.count("cl", {"must": [{"key": "odd", "match": True}]}) == 25
-        assert "cl" in [c["name"] for c in tandem.collections()] and tandem.collection("cl")["points"] == 50
+        assert tandem.count(VECS, {"must": [{"key": "odd", "match": True}]}) == 25
+        assert VECS in [c["name"] for c in tandem.collections()] and tandem.collection(VECS)["points"] == 50
         with pytest.raises(errors.DimensionMismatch) as raised:
-            tandem.search("cl", vector=[1.0, 2.0], k=3)
+            tandem.search(VECS, vector=[1.0, 2.0], k=3)
         assert raised.value.status == 422 and raised.value.request_id  # type: ignore[attr-defined]
         with pytest.raises(errors.CollectionNotFound):
             tandem.search("missing", vector=x[0])
         with pytest.raises(errors.InvalidFilter, match="unknown operator"):
-            tandem.count("cl", {"must": [{"key": "odd", "like": 1}]})
-        assert tandem.delete("cl", [0, 1, 999]) == 2
+            tandem.count(VECS, {"must": [{"key": "odd", "like": 1}]})
+        assert tandem.delete(VECS, [0, 1, 999]) == 2
 
     async def run() -> list[Any]:
         async with AsyncClient(server.url) as tandem:
-            hits = await tandem.search("cl", vector=x[9], k=2)
-            return [hits, await tandem.count("cl"), await tandem.collections()]
+            hits = await tandem.search(VECS, vector=x[9], k=2)
+            return [hits, await tandem.count(VECS), await tandem.collections()]
 
     hits, count, listed = asyncio.run(run())
-    assert hits[0]["id"] == 9 and count == 48 and any(c["name"] == "cl" for c in listed)
+    assert hits[0]["id"] == 9 and count == 48 and any(c["name"] == VECS for c in listed)
 
 
 def test_retries_on_429_and_503() -> None:
@@ -82,7 +83,7 @@ def tandem_cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_ingest_jsonl_with_bad_lines(server: Server, tmp_path: Path) -> None:
     with Client(server.url) as tandem:
-        tandem.create_collection("ingested", dim=DIM)
+        tandem.create_collection("cli_ingested", dim=DIM)
     x = unit(3000, 2)
     lines = [json.dumps({"id": i, "vector": x[i].tolist(), "payload": {"n": i}}) for i in range(3000)]
     lines[10] = "{not json"
@@ -90,15 +91,15 @@ def test_cli_ingest_jsonl_with_bad_lines(server: Server, tmp_path: Path) -> None
     lines[30] = json.dumps({"vector": x[30].tolist()})  # no id
     path = tmp_path / "points.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    done = tandem_cli(server, "ingest", str(path), "--collection", "ingested", "--poll", "0.1")
+    done = tandem_cli(server, "ingest", str(path), "--collection", "cli_ingested", "--poll", "0.1")
     assert done.returncode == 1, done.stderr  # some rows were refused
     assert "ingest points.jsonl" in done.stderr and "pt/s" in done.stderr  # the progress bar
     for line in (11, 21, 31):
         assert f"line {line}:" in done.stderr
     assert "2997 points committed from 3000 lines" in done.stdout and "3 refused" in done.stdout
     with Client(server.url) as tandem:
-        assert tandem.count("ingested") == 2997
-        assert tandem.search("ingested", vector=x[5], k=1)[0]["payload"] == {"n": 5}
+        assert tandem.count("cli_ingested") == 2997
+        assert tandem.search("cli_ingested", vector=x[5], k=1)[0]["payload"] == {"n": 5}
 
 
 def test_cli_ingest_csv_and_parquet_then_search_and_list(server: Server, tmp_path: Path) -> None:
@@ -106,7 +107,7 @@ def test_cli_ingest_csv_and_parquet_then_search_and_list(server: Server, tmp_pat
     import pyarrow.parquet as pq
 
     with Client(server.url) as tandem:
-        tandem.create_collection("texts", encoder="minilm")
+        tandem.create_collection("cli_texts", encoder="minilm")
     rows = [{"doc": f"d{i}", "body": text, "lang": lang, "year": 2020 + i}
             for i, (text, lang) in enumerate([("the cat sleeps on the sofa", "en"), ("stocks fell sharply", "en"),
                                               ("die Katze schläft", "de"), ("a kitten plays with yarn", "en")])]
@@ -116,19 +117,19 @@ def test_cli_ingest_csv_and_parquet_then_search_and_list(server: Server, tmp_pat
         writer.writerows(rows[:2])
     pq.write_table(pa.Table.from_pylist(rows[2:]), tmp_path / "docs.parquet")
     for name in ("docs.csv", "docs.parquet"):
-        done = tandem_cli(server, "ingest", str(tmp_path / name), "--collection", "texts", "--id-field", "doc",
+        done = tandem_cli(server, "ingest", str(tmp_path / name), "--collection", "cli_texts", "--id-field", "doc",
                           "--text-field", "body")
         assert done.returncode == 0, done.stderr
         assert "0 refused" in done.stdout
-    found = tandem_cli(server, "search", "--collection", "texts", "--text", "a cat", "--k", "2",
+    found = tandem_cli(server, "search", "--collection", "cli_texts", "--text", "a cat", "--k", "2",
                        "--filter", '{"must": [{"key": "lang", "match": "en"}]}')
     assert found.returncode == 0, found.stderr
     table = found.stdout.splitlines()
     assert table[0].split()[:3] == ["#", "score", "id"] and len(table) == 3
     assert {table[1].split()[2], table[2].split()[2]} == {"d0", "d3"} and '"year": 2020' in found.stdout
     listed = tandem_cli(server, "collections")
-    assert listed.returncode == 0 and any(line.startswith("texts ") for line in listed.stdout.splitlines())
-    described = json.loads(tandem_cli(server, "collections", "texts").stdout)
+    assert listed.returncode == 0 and any(line.startswith("cli_texts ") for line in listed.stdout.splitlines())
+    described = json.loads(tandem_cli(server, "collections", "cli_texts").stdout)
     assert described["points"] == 4 and described["encoder"] == "minilm"
     missing = tandem_cli(server, "search", "--collection", "nope", "--text", "x")
     assert missing.returncode == 2 and "collection_not_found" in missing.stderr

@@ -42,10 +42,10 @@ TEXTS = [
 
 def test_langchain_qdrant_round_trip(server: Server) -> None:
     client = QdrantClient(url=server.url, prefix="qdrant", prefer_grpc=False, timeout=60)
-    client.create_collection("lc", vectors_config=m.VectorParams(size=384, distance=m.Distance.COSINE))
-    store = QdrantVectorStore(client=client, collection_name="lc", embedding=TandemEmbeddings(server))
+    client.create_collection("langchain_lc", vectors_config=m.VectorParams(size=384, distance=m.Distance.COSINE))
+    store = QdrantVectorStore(client=client, collection_name="langchain_lc", embedding=TandemEmbeddings(server))
     ids = store.add_texts([t for t, _ in TEXTS], metadatas=[meta for _, meta in TEXTS])
-    assert len(ids) == len(TEXTS) and client.count("lc").count == len(TEXTS)
+    assert len(ids) == len(TEXTS) and client.count("langchain_lc").count == len(TEXTS)
 
     english = m.Filter(must=[m.FieldCondition(key="metadata.lang", match=m.MatchValue(value="en"))])
     docs = store.similarity_search("a small cat playing", k=2, filter=english)
@@ -55,6 +55,6 @@ def test_langchain_qdrant_round_trip(server: Server) -> None:
     assert scored[0][0].metadata["topic"] == "finance"
 
     assert store.delete(ids=[ids[3]])
-    assert client.count("lc").count == len(TEXTS) - 1
+    assert client.count("langchain_lc").count == len(TEXTS) - 1
     docs = store.similarity_search("a small cat playing", k=1, filter=english)
     assert docs[0].page_content == TEXTS[0][0]

@@ -34,10 +34,10 @@ def test_embeddings_match_the_native_encoder(server: Server, client: httpx.Clien
     np.testing.assert_allclose(np.array([d.embedding for d in as_base64.data]), floats, atol=1e-6)
     np.testing.assert_allclose(single.data[0].embedding, floats[0], atol=1e-6)
     # The same vectors as tandem's own search path: a collection with the encoder finds the text.
-    client.put("/collections/oai", json={"encoder": "minilm"})
-    client.put("/collections/oai/points", params={"wait": "true"},
+    client.put("/collections/openai_oai", json={"encoder": "minilm"})
+    client.put("/collections/openai_oai/points", params={"wait": "true"},
                json={"points": [{"id": i, "text": t} for i, t in enumerate(texts)]})
-    hits = client.post("/collections/oai/search", json={"vector": floats[1].tolist(), "k": 1}).json()["hits"]
+    hits = client.post("/collections/openai_oai/search", json={"vector": floats[1].tolist(), "k": 1}).json()["hits"]
     assert hits[0]["id"] == 1 and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     # Usage: tokens as the model saw them, [CLS] and [SEP] included.
     assert single.usage.prompt_tokens == single.usage.total_tokens == 6

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 DIM = 16
 N = 200
 API_KEY = "qdrant-compat-key-7"
+COL = "qdrant_compat"  # unique on the session's shared server
 
 
 def connect(server: Server, **kwargs: Any) -> QdrantClient:
@@ -45,16 +46,16 @@ def payload(i: int) -> dict[str, Any]:
 def qc(server: Server) -> Any:
     client = connect(server)
     assert client.create_collection(
-        "qd", vectors_config=m.VectorParams(size=DIM, distance=m.Distance.COSINE),
+        COL, vectors_config=m.VectorParams(size=DIM, distance=m.Distance.COSINE),
         hnsw_config=m.HnswConfigDiff(m=16), optimizers_config=m.OptimizersConfigDiff(indexing_threshold=0),
         shard_number=1, on_disk_payload=True,  # accepted and ignored
     )
     x = unit(N, 1)
     ids: list[Any] = list(range(N - 20)) + [str(uuid.UUID(int=i)) for i in range(N - 20, N)]
     for start in range(0, N - 20, 60):  # the test server takes 64 points a request
-        client.upsert("qd", points=[m.PointStruct(id=ids[i], vector=x[i].tolist(), payload=payload(i))
+        client.upsert(COL, points=[m.PointStruct(id=ids[i], vector=x[i].tolist(), payload=payload(i))
                                     for i in range(start, min(start + 60, N - 20))])
-    client.upsert("qd", points=m.Batch(ids=ids[N - 20:], vectors=x[N - 20:].tolist(),
+    client.upsert(COL, points=m.Batch(ids=ids[N - 20:], vectors=x[N - 20:].tolist(),
                                        payloads=[payload(i) for i in range(N - 20, N)]))
     yield client, x, ids
     client.close()
@@ -62,13 +63,13 @@ def qc(server: Server) -> Any:
 
 def test_collections(qc: Any) -> None:
     client, _, _ = qc
-    assert client.collection_exists("qd") and not client.collection_exists("nope")
-    assert "qd" in [c.name for c in client.get_collections().collections]
-    info = client.get_collection("qd")
+    assert client.collection_exists(COL) and not client.collection_exists("nope")
+    assert COL in [c.name for c in client.get_collections().collections]
+    info = client.get_collection(COL)
     assert info.points_count == N and info.config.params.vectors.size == DIM
     assert info.config.params.vectors.distance == m.Distance.COSINE
     with pytest.raises(UnexpectedResponse) as raised:
-        client.create_collection("qd", vectors_config=m.VectorParams(size=DIM, distance=m.Distance.COSINE))
+        client.create_collection(COL, vectors_config=m.VectorParams(size=DIM, distance=m.Distance.COSINE))
     assert raised.value.status_code == 409 and "already exists" in str(raised.value)
     for bad, says in (
         ({"text": m.VectorParams(size=4, distance=m.Distance.COSINE)}, "named vectors"),
@@ -80,8 +81,8 @@ def test_collections(qc: Any) -> None:
     with pytest.raises(UnexpectedResponse) as raised:
         client.get_collection("nope")
     assert raised.value.status_code == 404
-    assert client.create_collection("tmp", vectors_config=m.VectorParams(size=4, distance=m.Distance.DOT))
-    assert client.delete_collection("tmp") and not client.collection_exists("tmp")
+    assert client.create_collection("qdrant_tmp", vectors_config=m.VectorParams(size=4, distance=m.Distance.DOT))
+    assert client.delete_collection("qdrant_tmp") and not client.collection_exists("qdrant_tmp")
 
 
 def expected_ids(ids: list[Any], keep: Any) -> list[Any]:
@@ -110,17 +111,17 @@ FILTERS: list[tuple[m.Filter, Any]] = [
 def test_filters_count_scroll_and_search(qc: Any, flt: m.Filter, keep: Any) -> None:
     client, x, ids = qc
     want = expected_ids(ids, keep)
-    assert client.count("qd", count_filter=flt, exact=True).count == len(want)
+    assert client.count(COL, count_filter=flt, exact=True).count == len(want)
     seen: list[Any] = []
     offset = None
     while True:
-        page, offset = client.scroll("qd", scroll_filter=flt, limit=30, offset=offset)
+        page, offset = client.scroll(COL, scroll_filter=flt, limit=30, offset=offset)
         seen += [p.id for p in page]
         if offset is None:
             break
     assert sorted(map(str, seen)) == sorted(map(str, want))
     q = unit(1, 9)[0]
-    hits = client.query_points("qd", query=q.tolist(), query_filter=flt, limit=5).points
+    hits = client.query_points(COL, query=q.tolist(), query_filter=flt, limit=5).points
     rows = [i for i in range(N) if keep(i, payload(i))]
     truth = [ids[i] for i in sorted(rows, key=lambda i: -float(x[i] @ q))[:5]]
     assert [h.id for h in hits] == truth
@@ -130,37 +131,37 @@ def test_filters_count_scroll_and_search(qc: Any, flt: m.Filter, keep: Any) -> N
 def test_search_options_retrieve_and_delete(qc: Any) -> None:
     client, x, ids = qc
     q = x[5]
-    hits = client.query_points("qd", query=q.tolist(), limit=3, with_vectors=True, with_payload=["year"]).points
+    hits = client.query_points(COL, query=q.tolist(), limit=3, with_vectors=True, with_payload=["year"]).points
     assert hits[0].id == 5 and hits[0].score == pytest.approx(1.0, abs=1e-4)
     assert set(hits[0].payload) == {"year"} and np.allclose(hits[0].vector, q, atol=1e-5)
-    page2 = client.query_points("qd", query=q.tolist(), limit=2, offset=1).points
+    page2 = client.query_points(COL, query=q.tolist(), limit=2, offset=1).points
     assert [h.id for h in page2] == [h.id for h in hits[1:3]]
-    assert all(h.score >= 0.5 for h in client.query_points("qd", query=q.tolist(), limit=50,
+    assert all(h.score >= 0.5 for h in client.query_points(COL, query=q.tolist(), limit=50,
                                                             score_threshold=0.5).points)
-    legacy = client.search("qd", query_vector=q.tolist(), limit=3) if hasattr(client, "search") else hits
+    legacy = client.search(COL, query_vector=q.tolist(), limit=3) if hasattr(client, "search") else hits
     assert [h.id for h in legacy] == [h.id for h in hits]
-    got = client.retrieve("qd", ids=[ids[0], ids[-1], 99_999], with_vectors=True)
+    got = client.retrieve(COL, ids=[ids[0], ids[-1], 99_999], with_vectors=True)
     assert {str(p.id) for p in got} == {str(ids[0]), str(ids[-1])}
-    assert client.delete("qd", points_selector=m.PointIdsList(points=[ids[0], ids[-1]])).status == "completed"
-    assert client.count("qd").count == N - 2
-    client.delete("qd", points_selector=m.FilterSelector(filter=m.Filter(
+    assert client.delete(COL, points_selector=m.PointIdsList(points=[ids[0], ids[-1]])).status == "completed"
+    assert client.count(COL).count == N - 2
+    client.delete(COL, points_selector=m.FilterSelector(filter=m.Filter(
         must=[m.FieldCondition(key="year", match=m.MatchValue(value=2019))])))
-    assert client.count("qd").count == N - 2 - sum(payload(i)["year"] == 2019 for i in range(1, N - 1))
+    assert client.count(COL).count == N - 2 - sum(payload(i)["year"] == 2019 for i in range(1, N - 1))
 
 
 def test_payload_index(qc: Any) -> None:
     client, _, _ = qc
-    client.create_payload_index("qd", field_name="group", field_schema=m.PayloadSchemaType.KEYWORD)
-    schema = client.get_collection("qd").payload_schema
+    client.create_payload_index(COL, field_name="group", field_schema=m.PayloadSchemaType.KEYWORD)
+    schema = client.get_collection(COL).payload_schema
     assert schema["group"].data_type == m.PayloadSchemaType.KEYWORD
     with pytest.raises(UnexpectedResponse) as raised:
-        client.create_payload_index("qd", field_name="where", field_schema=m.PayloadSchemaType.GEO)
+        client.create_payload_index(COL, field_name="where", field_schema=m.PayloadSchemaType.GEO)
     assert raised.value.status_code == 400 and "not supported" in str(raised.value)
 
 
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory, models_dir: Any) -> Any:
-    srv = Server(tmp_path_factory.mktemp("qd") / "data", models_dir, env={"TANDEM_API_KEY": API_KEY}).start()
+    srv = Server(tmp_path_factory.mktemp(COL) / "data", models_dir, env={"TANDEM_API_KEY": API_KEY}).start()
     yield srv
     srv.stop_cleanly()
 
@@ -193,6 +194,6 @@ def test_api_key_header(keyed_server: Server) -> None:
 def test_bad_requests_get_400_in_qdrant_shape(qc: Any, server: Server, path: str, body: dict[str, Any]) -> None:
     import httpx
 
-    r = httpx.post(f"{server.url}/qdrant/collections/qd/{path}", json=body, timeout=30)
+    r = httpx.post(f"{server.url}/qdrant/collections/{COL}/{path}", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert set(r.json()) == {"status", "time"} and r.json()["status"]["error"]

@@ -317,7 +317,7 @@ def test_every_route_is_listed() -> None:
 @pytest.mark.parametrize(("method", "path"), ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
 def test_api_key_on_every_route_but_health_and_metrics(keyed_server: Server, method: str, path: str) -> None:
     url = path.replace("{name}", "secured").replace("{point_id}", "1").replace("{job_id}", "nojob") \
-        .replace("{key}", "k")
+        .replace("{key}", "k").replace("{field_name}", "k")
     with keyed_server.client() as c:
         for headers in ({}, {"Authorization": "Bearer wrong-key-but-long"}, {"Authorization": API_KEY}):
             r = c.request(method, url, json={}, headers=headers)
@@ -325,6 +325,8 @@ def test_api_key_on_every_route_but_health_and_metrics(keyed_server: Server, met
                 assert r.status_code == 200, (method, path, r.text)
             elif path.startswith("/v1/"):  # the OpenAI dialect answers in OpenAI's shape
                 assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+            elif path.startswith("/qdrant"):  # and the Qdrant one in Qdrant's
+                assert r.status_code == 401 and "API key" in r.json()["status"]["error"], r.text
             else:
                 assert_error(r, 401, "unauthorized")
         r = c.request(method, url, json={}, headers={"Authorization": f"Bearer {API_KEY}"})

@@ -39,7 +39,7 @@ from service.errors import BadRequest, ConfigConflict, NotFound, Unauthorized
 from service.registry import OpenCollection, check_name
 from service.runtime import Runtime
 
-ERROR_PREFIX = "/qdrant/"
+ERROR_PREFIX = "/qdrant"
 #: The Qdrant REST API version this layer follows (qdrant-client checks it on connect).
 QDRANT_VERSION = "1.20.0"
 _DISTANCES = {"Cosine": "cosine", "Dot": "dot"}
@@ -83,7 +83,8 @@ def require_key(request: Request) -> None:
     key = request.app.state.runtime.settings.api_key
     if key is None:
         return
-    given = request.headers.get("api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+    bearer = request.headers.get("authorization", "")
+    given = request.headers.get("api-key") or (bearer[len("Bearer "):] if bearer.startswith("Bearer ") else "")
     if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
         raise Unauthorized("missing or wrong API key: send the 'api-key' header (or 'Authorization: Bearer')")
 
@@ -394,17 +395,21 @@ async def query(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str, 
     return _ok({"points": await _search(_open(runtime, name), runtime, vector, body)}, t0)
 
 
-@router.api_route("/collections/{name}/snapshots", methods=["GET", "POST", "PUT"],
-                  summary="snapshots: not supported (tandem's own online backup is in the README)")
-async def snapshots(name: Name) -> dict[str, Any]:
-    raise BadRequest("snapshots are not supported by tandem's Qdrant API")
+async def _snapshots(name: Name) -> dict[str, Any]:
+    raise BadRequest("snapshots are not supported by tandem's Qdrant API (tandem's online backup: see the README)")
 
 
-@router.api_route("/collections/{name}/shards", methods=["GET", "POST", "PUT"], summary="shard keys: not supported")
-async def shards(name: Name) -> dict[str, Any]:
+async def _shards(name: Name) -> dict[str, Any]:
     raise BadRequest("shard keys are not supported by tandem's Qdrant API")
 
 
-@router.api_route("/collections/aliases", methods=["GET", "POST", "PUT"], summary="aliases: not supported")
-async def aliases() -> dict[str, Any]:
+async def _aliases() -> dict[str, Any]:
     raise BadRequest("aliases are not supported by tandem's Qdrant API")
+
+
+for _path, _endpoint, _what in (("/collections/{name}/snapshots", _snapshots, "snapshots"),
+                                ("/collections/{name}/shards", _shards, "shard_keys"),
+                                ("/collections/aliases", _aliases, "aliases")):
+    for _method in ("GET", "POST", "PUT"):
+        router.add_api_route(_path, _endpoint, methods=[_method], summary=f"{_what}: not supported",
+                             operation_id=f"qdrant_{_what}_{_method.lower()}")
