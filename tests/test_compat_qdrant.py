@@ -189,6 +189,7 @@ def test_api_key_header(keyed_server: Server) -> None:
         ("points", {"ids": "1"}),
         ("points/delete", {}),
         ("points/count", {"filter": "group=a"}),
+        ("points/query", {"query": [0.1] * DIM, "with_payload": {"include": "year"}}),
     ],
 )
 def test_bad_requests_get_400_in_qdrant_shape(qc: Any, server: Server, path: str, body: dict[str, Any]) -> None:

@@ -124,9 +124,9 @@ def _payload(payload: dict[str, Any] | None, selector: Any) -> dict[str, Any] | 
         return None
     if isinstance(selector, list):
         return {k: v for k, v in payload.items() if k in selector}
-    if isinstance(selector, dict) and "include" in selector:
+    if isinstance(selector, dict) and isinstance(selector.get("include"), list):
         return {k: v for k, v in payload.items() if k in selector["include"]}
-    if isinstance(selector, dict) and "exclude" in selector:
+    if isinstance(selector, dict) and isinstance(selector.get("exclude"), list):
         return {k: v for k, v in payload.items() if k not in selector["exclude"]}
     raise BadRequest("with_payload must be true, false, a list of keys, or {include|exclude: [keys]}")
 
@@ -174,7 +174,7 @@ async def create_collection(name: Name, body: JsonBody, runtime: ReadyRuntime) -
     if not isinstance(vectors, dict) or "size" not in vectors:
         raise BadRequest("vectors must be {'size': ..., 'distance': 'Cosine' | 'Dot'}; named vectors are not supported")
     distance = vectors.get("distance", "Cosine")
-    if distance not in _DISTANCES:
+    if not isinstance(distance, str) or distance not in _DISTANCES:
         raise BadRequest(f"distance {distance!r} is not supported: use Cosine or Dot")
     try:
         config = CollectionConfig(dim=vectors["size"], metric=_DISTANCES[distance])
