@@ -161,13 +161,15 @@ class Catalog:
             )
             self._set_meta(meta)
 
-    def _live_rows(self, keys: Sequence[PointId]) -> np.ndarray:
+    def _live_rows(self, keys: Sequence[PointId], db: sqlite3.Connection | None = None) -> np.ndarray:
+        """Rows of the live points with these ids (any order), ``(m,) int64``; on the writer's
+        connection unless given another."""
         found: list[int] = []
         for chunk in _chunks(keys):
             marks = ",".join("?" * len(chunk))
             found.extend(
                 r[0]
-                for r in self._db.execute(
+                for r in (db or self._db).execute(
                     f"SELECT row FROM points WHERE live = 1 AND key IN ({marks})", tuple(chunk)
                 )
             )
@@ -216,14 +218,9 @@ class Catalog:
         return out
 
     def rows_of_ids(self, keys: Sequence[PointId]) -> np.ndarray:
-        """Rows of the live points with these ids (any order), ``(m,) int64``."""
-        found: list[int] = []
+        """``_live_rows`` for a reader: on a read connection, beside the writer."""
         with self._reading() as db:
-            for chunk in _chunks(keys):
-                marks = ",".join("?" * len(chunk))
-                found.extend(r[0] for r in db.execute(
-                    f"SELECT row FROM points WHERE live = 1 AND key IN ({marks})", tuple(chunk)))
-        return np.asarray(found, dtype=np.int64)
+            return self._live_rows(keys, db)
 
     def payloads(self, *, live_only: bool) -> Iterator[tuple[list[int], list[str]]]:
         """``(rows, payloads as JSON text)`` in chunks, in row order, rows with a payload only."""

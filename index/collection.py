@@ -439,7 +439,7 @@ class Collection:
             if coarse is not None and not coarse.ready:
                 coarse = None  # too few points to train yet: the (small) collection is scanned
             indexed: bool | None = None
-            allowed = Allowed.of_mask(self._live) if self._n_dead else None
+            allowed = Allowed.of_mask(self._live, self.count()) if self._n_dead else None
             if flt is not None:
                 passing, indexed = self._filter_rows(flt)
                 allowed = Allowed.of_bitmap(passing, self._n_rows)

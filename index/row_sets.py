@@ -95,9 +95,9 @@ class Allowed:
     _mask: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
-    def of_mask(cls, mask: np.ndarray) -> Allowed:
-        """From a ``(n,) bool`` mask (the live rows)."""
-        allowed = cls(np.packbits(mask, bitorder="little"), int(np.count_nonzero(mask)), len(mask))
+    def of_mask(cls, mask: np.ndarray, count: int) -> Allowed:
+        """From a ``(n,) bool`` mask (the live rows) holding ``count`` True."""
+        allowed = cls(np.packbits(mask, bitorder="little"), count, len(mask))
         allowed._mask = mask
         return allowed
 

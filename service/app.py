@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import Depends, FastAPI
 
@@ -33,23 +32,20 @@ Every error body is `{"error": {"type", "message", "request_id"}}`; every respon
 
 
 #: What any route behind the API key may answer besides its own success: the one error shape.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
-    for status, description in {
-        400: "malformed request: not JSON, invalid UTF-8, an unsafe collection name",
-        401: "missing or wrong API key",
-        404: "no such collection, point, job or route",
-        405: "method not allowed on this route",
-        409: "a collection of that name exists with another configuration",
-        413: "body or batch over the configured limits",
-        415: "unsupported content type",
-        422: "well-formed but invalid: wrong dimension, NaN, bad filter, k out of range...",
-        429: "overloaded: the search queue is full; retry later",
-        500: "a bug: the log holds the details under the request id",
-        503: "starting, shutting down, an encoder or a collection unavailable",
-        507: "the data volume is full: nothing of the request was written",
-    }.items()
-}
+ERROR_RESPONSES = errors.documented(ErrorBody, {
+    400: "malformed request: not JSON, invalid UTF-8, an unsafe collection name",
+    401: "missing or wrong API key",
+    404: "no such collection, point, job or route",
+    405: "method not allowed on this route",
+    409: "a collection of that name exists with another configuration",
+    413: "body or batch over the configured limits",
+    415: "unsupported content type",
+    422: "well-formed but invalid: wrong dimension, NaN, bad filter, k out of range...",
+    429: "overloaded: the search queue is full; retry later",
+    500: "a bug: the log holds the details under the request id",
+    503: "starting, shutting down, an encoder or a collection unavailable",
+    507: "the data volume is full: nothing of the request was written",
+})
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -119,6 +119,11 @@ def error_response(status: int, type_: str, message: str, headers: dict[str, str
     return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
 
 
+def documented(body: type[Any], descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI ``responses`` table: each status answered with ``body``, described."""
+    return {status: {"model": body, "description": text} for status, text in descriptions.items()}
+
+
 _INTERNAL = "internal error; the server log holds the details under this request id"
 
 

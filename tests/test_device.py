@@ -234,7 +234,7 @@ def test_pq_gpu_copy_serves_unfiltered_searches(stand_in: CpuStandIn, tmp_path: 
 
     allowed = np.zeros(coarse.rows, dtype=bool)
     allowed[::3] = True
-    filtered = coarse.candidates(queries, 50, shortlist=50, allowed=Allowed.of_mask(allowed))
+    filtered = coarse.candidates(queries, 50, shortlist=50, allowed=Allowed.of_mask(allowed, int(allowed.sum())))
     assert copy.index.searches == 1  # a filter stays on the CPU
     assert allowed[filtered[filtered >= 0]].all()
 

@@ -23,7 +23,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.deps import ReadyRuntime
-from service.errors import BadRequest, NotFound
+from service.errors import BadRequest, NotFound, documented
 
 ERROR_PREFIX = "/v1/"
 MAX_INPUTS = 2048
@@ -56,18 +56,15 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
-    for status, description in {
-        400: "malformed or invalid request (OpenAI answers 400 where tandem's own routes say 422)",
-        401: "missing or wrong API key",
-        404: "no such model, or no such route",
-        413: "body over the configured limit",
-        429: "overloaded; retry later",
-        500: "a bug: the log holds the details under the request id",
-        503: "not ready yet (the encoder is loading)",
-    }.items()
-}
+ERROR_RESPONSES = documented(ErrorBody, {
+    400: "malformed or invalid request (OpenAI answers 400 where tandem's own routes say 422)",
+    401: "missing or wrong API key",
+    404: "no such model, or no such route",
+    413: "body over the configured limit",
+    429: "overloaded; retry later",
+    500: "a bug: the log holds the details under the request id",
+    503: "not ready yet (the encoder is loading)",
+})
 
 
 class EmbeddingsRequest(BaseModel):

@@ -35,7 +35,7 @@ from index import CollectionConfig
 from service import schemas
 from service.compat.qdrant_filters import to_filter
 from service.deps import ReadyRuntime
-from service.errors import BadRequest, ConfigConflict, NotFound, Unauthorized
+from service.errors import BadRequest, ConfigConflict, NotFound, Unauthorized, documented
 from service.registry import OpenCollection, check_name
 from service.runtime import Runtime
 
@@ -58,19 +58,16 @@ class ErrorBody(BaseModel):
     time: float
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
-    for status, description in {
-        400: "malformed, invalid or unsupported request (Qdrant answers 400 where tandem's own routes say 422)",
-        401: "missing or wrong API key",
-        404: "no such collection, point or route",
-        409: "the collection exists",
-        413: "body or batch over the configured limits",
-        429: "overloaded; retry later",
-        500: "a bug: the log holds the details under the request id",
-        503: "not ready yet",
-    }.items()
-}
+ERROR_RESPONSES = documented(ErrorBody, {
+    400: "malformed, invalid or unsupported request (Qdrant answers 400 where tandem's own routes say 422)",
+    401: "missing or wrong API key",
+    404: "no such collection, point or route",
+    409: "the collection exists",
+    413: "body or batch over the configured limits",
+    429: "overloaded; retry later",
+    500: "a bug: the log holds the details under the request id",
+    503: "not ready yet",
+})
 
 
 def error_body(status: int, type_: str, message: str) -> tuple[int, dict[str, Any]]:
