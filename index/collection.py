@@ -58,7 +58,7 @@ from index.errors import (
     storage_full,
 )
 from index.fde import FDEEncoder, MuveraParams
-from index.filters import Filter, Need
+from index.filters import KEY, Filter, Need
 from index.locks import ReadWriteLock
 from index.payload_index import FieldIndex, PayloadIndexes, PayloadType
 from index.rebuild import BackgroundRebuild, Cancelled, release_free_memory
@@ -540,21 +540,29 @@ class Collection:
             rows, indexed = self._filter_rows(flt)
             return len(rows), indexed
 
-    def facet(self, key: str, *, filter: Any = None, limit: int = 100) -> list[tuple[Any, int]]:
-        """Points per value of a keyword- or bool-indexed ``key`` among those passing ``filter``,
-        most first (ties by value), at most ``limit`` values."""
+    def facet(self, key: str, *, filter: Any = None, limit: int = 100) -> tuple[list[tuple[Any, int]], bool]:
+        """Points per string or boolean value of ``key`` among those passing ``filter``, most
+        first (ties by value), at most ``limit`` values; and whether a keyword or bool index
+        answered. A key without one is read from the stored payloads for this call (slower)."""
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
             raise InvalidArgument(f"limit must be an integer from 1 to 10000, got {limit!r}")
+        if not isinstance(key, str) or not KEY.match(key):
+            raise InvalidArgument(f"facet key {key!r}: letters, digits, '_', '-', dotted for nesting")
         flt = Filter.parse(filter) if filter is not None else None
         with self._lock.read():
-            if self._payload.types.get(key) not in ("keyword", "bool"):
+            kind = self._payload.types.get(key)
+            if kind in ("keyword", "bool"):
+                field = self._payload.fields[key]
+            elif kind is not None:
                 raise InvalidArgument(
-                    f"facets count the values of a keyword or bool payload index, and {key!r} has "
-                    f"{'a ' + self._payload.types[key] if key in self._payload.types else 'no'} index: "
-                    "create one first (create_payload_index)"
+                    f"facets count strings and booleans, and {key!r} is indexed as {kind}: facet a "
+                    "keyword or bool key, or drop that index"
                 )
+            else:
+                values = self._catalog.key_values(key, live_only=False)
+                field = PayloadIndexes.build_for(key, {"string", "bool"}, values)
             allowed = self._live_rows if flt is None else self._filter_rows(flt)[0]
-            return self._payload.fields[key].counts(allowed)[:limit]
+            return field.counts(allowed)[:limit], kind is not None
 
     def create_payload_index(self, key: str, type: PayloadType) -> bool:
         """Index ``key`` as ``type`` over the existing points, then on every write. False if it

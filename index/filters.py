@@ -40,7 +40,7 @@ Scalar = str | int | float | bool
 
 _CLAUSES = ("must", "must_not", "should")
 KEY_PATTERN = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"
-_KEY = re.compile(KEY_PATTERN)
+KEY = re.compile(KEY_PATTERN)
 _MAX_ANY = 1000
 _MAX_DEPTH = 16
 _BOUNDS = ("gt", "gte", "lt", "lte")
@@ -233,7 +233,7 @@ def _condition(spec: Any, where: str) -> Condition:
             raise InvalidFilter(f"{where}: 'has_id' takes a list of 1 to {_MAX_IDS} ids (strings, integers >= 0)")
         return HasId(tuple(ids))
     key = spec.get("key")
-    if not isinstance(key, str) or not _KEY.match(key):
+    if not isinstance(key, str) or not KEY.match(key):
         raise InvalidFilter(f"{where} needs a 'key': letters, digits, '_', '-', dotted for nesting")
     operators = sorted(set(spec) - {"key"})
     unknown = [o for o in operators if o not in _OPERATORS]

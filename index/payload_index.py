@@ -354,7 +354,7 @@ class PayloadIndexes:
         wrong = sorted(needs - field.holds)
         if wrong:
             raise InvalidFilter(
-                f"key {key!r} has a {self.types[key]} index, which cannot answer {_NEEDS_SAY[wrong[0]]}: "
+                f"key {key!r} is indexed as {self.types[key]}, which cannot answer {_NEEDS_SAY[wrong[0]]}: "
                 f"change the condition, or index the key with the type it holds"
             )
         return field

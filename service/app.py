@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 
@@ -80,4 +81,28 @@ def create_app(settings: Settings) -> FastAPI:
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
         access_log=settings.access_log, max_in_flight=settings.max_in_flight,
     )
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = integer_bounds(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def integer_bounds(node: Any) -> Any:
+    """OpenAPI documents as FastAPI renders them hold every bound as a float (`"minimum": 1.0`),
+    and generators then send `1.0` for an integer; the bounds of integers become integers again."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                if isinstance(node.get(bound), float) and node[bound].is_integer():
+                    node[bound] = int(node[bound])
+        for value in node.values():
+            integer_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            integer_bounds(value)
+    return node

@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.config import JsonDict
+from pydantic.json_schema import SkipJsonSchema
 
 from index import CollectionConfig, MultiVectorConfig
 from index.config import BinaryTransform, CoarseKind, DenseDtype, Metric
 from index.errors import InvalidArgument, InvalidVector
 from index.filters import KEY_PATTERN as PAYLOAD_KEY_PATTERN
 from index.payload_index import PayloadType
+from service.filter_schema import FILTER_SCHEMA, ID_SCHEMA
 
-PointId = StrictInt | StrictStr
+#: Checked by `index.batch.check_id` (whose messages say what to fix); the schema documents it.
+PointId = Annotated[StrictInt | StrictStr, WithJsonSchema(ID_SCHEMA)]
 #: A vector: JSON numbers, or a base64 string of little-endian float32 bytes (4 bytes per
 #: number: about 2.5x smaller than decimal text, and decoded without parsing numbers).
 Vector = list[float] | StrictStr
@@ -33,16 +46,13 @@ def vector_array(value: Vector) -> np.ndarray:
             raise InvalidVector(f"a base64 vector must decode to a multiple of 4 bytes, got {len(raw)}")
         return np.frombuffer(raw, dtype="<f4").astype(np.float32)
     return np.asarray(value, dtype=np.float32)
-Filter = dict[str, Any]
-
-_FILTER_DOC = (
-    'payload filter: {"must": [...], "should": [...], "must_not": [...]}, each a list of conditions or '
-    'nested filters. Conditions: {"key": "lang", "match": "en"} (also a value inside an array), '
-    '{"key": "year", "any": [2023, 2024]}, {"key": "year", "range": {"gte": 2020, "lt": 2024}} (numbers, or '
-    'RFC 3339 datetimes as strings), {"key": "rank", "exists": true} (present, not null), '
-    '{"key": "note", "is_null": true}. Dotted keys reach nested objects. Keys with a payload index '
-    "(PUT /collections/{name}/index) are answered from RAM; others from the stored payloads, slower"
-)
+#: Parsed by `index.filters.Filter.parse` (whose messages say what to fix); documented by FILTER_SCHEMA.
+Filter = Annotated[dict[str, Any], WithJsonSchema(FILTER_SCHEMA)]
+#: The sources of a point or a query: exactly one is given (the schema's oneOf says so).
+_ONE_OF: JsonDict = {"oneOf": [{"required": ["vector"]}, {"required": ["text"]}, {"required": ["vectors"]}]}
+_VECTORS_DOC = "(n, dim) numbers: multi-vector collections only"
+_TEXT_DOC = ("encoded by the collection's encoder; beyond the model's max_seq_length (minilm: 256 tokens) "
+             "it is truncated")
 
 
 class _Body(BaseModel):
@@ -64,6 +74,11 @@ class PayloadIndexInfo(BaseModel):
 
 class CollectionCreate(_Body):
     """Body of PUT /collections/{name}. Everything but `dim` (or `encoder`) has a default."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["dim"]}, {"required": ["encoder"]}],  # both: the dims must agree
+        "examples": [{"encoder": "minilm"}, {"dim": 384, "metric": "dot"}],
+    })
 
     dim: int | None = Field(
         None, ge=1, le=65536, description="vector dimension; defaults to the encoder's when `encoder` is set"
@@ -140,10 +155,12 @@ class Dropped(BaseModel):
 class PointIn(_Body):
     """One point: an id and exactly one of `vector`, `text` (or `vectors` for multi-vector)."""
 
-    id: PointId = Field(..., description="a string (1-512 chars) or a non-negative integer")
-    vector: Vector | None = Field(None, description=_VECTOR_DOC)
-    text: str | None = Field(None, description="encoded by the collection's encoder")
-    vectors: list[list[float]] | None = Field(None, description="(n, dim): multi-vector collections only")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_OF)
+
+    id: PointId = Field(..., description="a string (1-512 chars) or an integer from 0 to 2**63 - 1")
+    vector: Vector | SkipJsonSchema[None] = Field(None, description=_VECTOR_DOC)
+    text: str | SkipJsonSchema[None] = Field(None, description=_TEXT_DOC)
+    vectors: list[list[float]] | SkipJsonSchema[None] = Field(None, description=_VECTORS_DOC)
     payload: dict[str, Any] | None = Field(None, description="any JSON object, returned with hits")
 
     @model_validator(mode="after")
@@ -157,7 +174,15 @@ class PointIn(_Body):
 
 
 class PointsUpsert(_Body):
-    points: list[PointIn] = Field(..., description="upserted atomically: all or none")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"points": [
+        {"id": 1, "text": "a small domesticated carnivorous mammal", "payload": {"lang": "en", "year": 2024}},
+        {"id": "doc-2", "text": "a large body of salt water", "payload": {"lang": "en"}},
+    ]}]})
+
+    points: list[PointIn] = Field(
+        ..., json_schema_extra={"minItems": 1},
+        description="upserted atomically: all or none; each id once; at most --max-batch-points",
+    )
 
 
 class UpsertResult(BaseModel):
@@ -166,7 +191,7 @@ class UpsertResult(BaseModel):
 
 
 class PointsDelete(_Body):
-    ids: list[PointId] = Field(..., min_length=1)
+    ids: list[PointId] = Field(..., min_length=1, json_schema_extra={"uniqueItems": True})
 
 
 class DeleteResult(BaseModel):
@@ -185,15 +210,20 @@ class PointOut(BaseModel):
 class SearchRequest(_Body):
     """One search: exactly one of `text`, `vector` (or `vectors` for multi-vector collections)."""
 
-    text: str | None = Field(None, description="encoded by the collection's encoder")
-    vector: Vector | None = Field(None, description=_VECTOR_DOC)
-    vectors: list[list[float]] | None = Field(
+    model_config = ConfigDict(extra="forbid", json_schema_extra={**_ONE_OF, "examples": [
+        {"text": "a pet that purrs", "k": 5},
+        {"text": "a pet that purrs", "filter": {"must": [{"key": "year", "range": {"gte": 2020}}]}},
+    ]})
+
+    text: str | SkipJsonSchema[None] = Field(None, description=_TEXT_DOC)
+    vector: Vector | SkipJsonSchema[None] = Field(None, description=_VECTOR_DOC)
+    vectors: list[list[float]] | SkipJsonSchema[None] = Field(
         None, description="(m, dim) query vector set: multi-vector collections only (scored by MaxSim)"
     )
     k: int = Field(10, ge=1, le=10_000)
     oversampling: float | None = Field(None, gt=0, le=1000, description="null: the collection's")
     exact: bool = Field(False, description="brute force over every stored vector")
-    filter: Filter | None = Field(None, description=_FILTER_DOC)
+    filter: Filter | None = None
     with_payload: bool = True
 
     @model_validator(mode="after")
@@ -247,7 +277,11 @@ class PayloadIndexList(BaseModel):
 
 
 class CountRequest(_Body):
-    filter: Filter | None = Field(None, description=_FILTER_DOC)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"filter": {"must": [{"key": "lang", "match": "en"}]}}
+    ]})
+
+    filter: Filter | None = None
 
 
 class CountResponse(BaseModel):
@@ -257,8 +291,9 @@ class CountResponse(BaseModel):
 
 class FacetRequest(_Body):
     key: str = Field(..., pattern=PAYLOAD_KEY_PATTERN, max_length=256,
-                     description="a key with a keyword or bool payload index")
-    filter: Filter | None = Field(None, description=_FILTER_DOC)
+                     description="a payload key: its string and boolean values are counted (from its "
+                     "keyword or bool index if it has one, else from the stored payloads, slower)")
+    filter: Filter | None = None
     limit: int = Field(100, ge=1, le=10_000, description="most values returned")
 
 
@@ -270,9 +305,14 @@ class FacetValue(BaseModel):
 class FacetResponse(BaseModel):
     key: str
     values: list[FacetValue] = Field(..., description="points per value, most first")
+    indexed: bool = Field(..., description="false: the key has no keyword or bool index (counted from payloads)")
 
 
 class SearchBatch(_Body):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"searches": [{"text": "a pet that purrs"}, {"text": "salt water", "k": 3}]}
+    ]})
+
     searches: list[SearchRequest] = Field(..., min_length=1)
 
 

@@ -159,6 +159,18 @@ def test_payload_index(qc: Any) -> None:
     assert raised.value.status_code == 400 and "not supported" in str(raised.value)
 
 
+def test_malformed_requests_found_by_fuzzing_are_4xx(qc: Any, server: Server) -> None:
+    import httpx
+
+    r = httpx.put(f"{server.url}/qdrant/collections/{COL}/index",
+                  json={"field_name": "g", "field_schema": {"type": {}}}, timeout=30)  # was a 500 (found by fuzzing)
+    assert r.status_code == 400 and "field_schema" in r.json()["status"]["error"], r.text
+    r = httpx.put(f"{server.url}/qdrant/collections/{COL}/points", json={"batch": {"ids": True}}, timeout=30)
+    assert r.status_code == 400 and "must be lists" in r.json()["status"]["error"], r.text  # was a 500 too
+    r = httpx.get(f"{server.url}/qdrant/collections/{COL}/points/\u00b3", timeout=30)  # "³".isdigit(): was a 500
+    assert r.status_code == 404 and "No point" in r.json()["status"]["error"], r.text
+
+
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory, models_dir: Any) -> Any:
     srv = Server(tmp_path_factory.mktemp(COL) / "data", models_dir, env={"TANDEM_API_KEY": API_KEY}).start()

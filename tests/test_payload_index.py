@@ -216,7 +216,8 @@ def make_payloads(n, seed):
     return [
         {"lang": WORDS[rng.integers(4)], "year": int(rng.integers(2000, 2025)), "score": float(rng.random()),
          "tags": [WORDS[t] for t in rng.choice(4, int(rng.integers(0, 3)), replace=False)],
-         "at": f"2024-0{1 + int(rng.integers(0, 9))}-1{int(rng.integers(0, 9))}T00:00:00Z"}
+         "at": f"2024-0{1 + int(rng.integers(0, 9))}-1{int(rng.integers(0, 9))}T00:00:00Z",
+         "kind": [WORDS[0], True, 7, None][int(rng.integers(0, 4))]}  # unindexed, mixed types
         for _ in range(n)
     ]
 
@@ -236,6 +237,16 @@ def declare(col):
         col.create_payload_index(key, type)
 
 
+def expected_kinds(current, flt):
+    """Points per string or boolean value of "kind", as the reference sees them."""
+    counts = {}
+    for p in current.values():
+        kind = p.get("kind")
+        if ref_filter(p, flt) and isinstance(kind, str | bool):
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 def assert_consistent(col, current):
     """Counts, facets and the description agree with the reference over ``current`` (id -> payload)."""
     for flt in CHECKS:
@@ -245,7 +256,10 @@ def assert_consistent(col, current):
         if ref_filter(p, CHECKS[1]):
             for tag in set(p["tags"]):
                 expected[tag] = expected.get(tag, 0) + 1
-    assert dict(col.facet("tags", filter=CHECKS[1])) == expected
+    values, indexed = col.facet("tags", filter=CHECKS[1])
+    assert dict(values) == expected and indexed
+    values, indexed = col.facet("kind", filter=CHECKS[1])  # no index: read from the payloads
+    assert dict(values) == expected_kinds(current, CHECKS[1]) and not indexed
     about = col.payload_indexes()
     assert set(about) == {"lang", "year", "score", "tags", "at"}
     assert about["lang"]["points"] == len(current)
@@ -328,9 +342,9 @@ def test_bad_indexes_and_conditions_are_refused_and_nothing_changes(tmp_path):
         col.create_payload_index("note", "text")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="letters, digits"):
         col.create_payload_index("a..b", "keyword")
-    with pytest.raises(InvalidFilter, match="'lang' has a keyword index, which cannot answer a match or range on"):
+    with pytest.raises(InvalidFilter, match="'lang' is indexed as keyword, which cannot answer a match or range on"):
         col.count(filter={"must": [{"key": "lang", "range": {"gte": 1}}]})
-    with pytest.raises(InvalidFilter, match="'year' has a integer index, which cannot answer a match on strings"):
+    with pytest.raises(InvalidFilter, match="'year' is indexed as integer, which cannot answer a match on strings"):
         col.search(np.ones(8, dtype=np.float32), filter={"must": [{"key": "year", "match": "2020"}]})
     with pytest.raises(InvalidFilter, match="not an RFC 3339 datetime; write it like"):
         col.count(filter={"must": [{"key": "at", "range": {"gte": "last tuesday"}}]})
@@ -340,10 +354,11 @@ def test_bad_indexes_and_conditions_are_refused_and_nothing_changes(tmp_path):
         col.count(filter={"must": [{"key": "year", "range": {"gt": 1, "gte": 2}}]})
     with pytest.raises(InvalidFilter, match="'exists' takes true or false"):
         col.count(filter={"must": [{"key": "year", "exists": "yes"}]})
-    with pytest.raises(InvalidArgument, match="facets count the values of a keyword or bool payload index"):
+    with pytest.raises(InvalidArgument, match="facets count strings and booleans, and 'year' is indexed as integer"):
         col.facet("year")
-    with pytest.raises(InvalidArgument, match="has no index"):
-        col.facet("nothing")
+    with pytest.raises(InvalidArgument, match="letters, digits"):
+        col.facet("a..b")
+    assert col.facet("nothing") == ([], False)
     assert col.payload_indexes() == before
     col.close()
     assert Collection.open(tmp_path / "c").payload_indexes().keys() == before.keys()

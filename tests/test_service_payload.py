@@ -66,7 +66,10 @@ def test_count_facet_and_filtered_search(client: httpx.Client, payloads: list[di
     assert r.status_code == 200
     assert {v["value"]: v["count"] for v in r.json()["values"]} == {k: v for k, v in counts.items() if v}
     assert [v["count"] for v in r.json()["values"]] == sorted((v for v in counts.values() if v), reverse=True)
+    assert r.json()["indexed"] is True
     assert len(client.post("/collections/pay/facet", json={"key": "lang", "limit": 1}).json()["values"]) == 1
+    r = client.post("/collections/pay/facet", json={"key": "missing_key"})  # no index: from the payloads
+    assert r.status_code == 200 and r.json() == {"key": "missing_key", "values": [], "indexed": False}
     q = unit_vectors(1, seed=9)[0].tolist()
     r = client.post("/collections/pay/search", json={"vector": q, "k": 500, "filter": flt})
     assert r.status_code == 200 and r.json()["filter_indexed"] is True
@@ -88,12 +91,12 @@ def test_payload_errors(client: httpx.Client, payloads: list[dict[str, Any]]) ->
     assert_error(client.put("/collections/pay/index", json={"key": "a..b", "type": "keyword"}), 422)
     err = assert_error(client.post("/collections/pay/count", json={
         "filter": {"must": [{"key": "lang", "range": {"gte": 1}}]}}), 422, "invalid_filter")
-    assert "keyword index" in err["message"]
+    assert "indexed as keyword" in err["message"]
     err = assert_error(client.post("/collections/pay/search", json={
         "vector": [1.0] * 16, "filter": {"must": [{"key": "at", "range": {"gte": "yesterday"}}]}}), 422)
     assert "RFC 3339" in err["message"]
     err = assert_error(client.post("/collections/pay/facet", json={"key": "year"}), 422)
-    assert "keyword or bool payload index" in err["message"]
+    assert "indexed as integer" in err["message"]
     assert_error(client.post("/collections/nope/count", json={}), 404, "collection_not_found")
     assert client.get("/collections/pay/index").json() == before
 

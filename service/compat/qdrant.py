@@ -27,16 +27,18 @@ import hmac
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from index import CollectionConfig
 from service import schemas
+from service.compat import qdrant_schemas as qs
 from service.compat.qdrant_filters import to_filter
-from service.deps import ReadyRuntime
+from service.deps import CollectionName, ReadyRuntime
 from service.errors import BadRequest, ConfigConflict, NotFound, Unauthorized, documented
 from service.registry import OpenCollection, check_name
+from service.routes.points import PointIdSegment, parse_id
 from service.runtime import Runtime
 
 ERROR_PREFIX = "/qdrant"
@@ -87,7 +89,7 @@ def require_key(request: Request) -> None:
 
 
 router = APIRouter(prefix="/qdrant", tags=["qdrant"], dependencies=[Depends(require_key)])
-Name = Annotated[str, Path(description="collection name")]
+Name = CollectionName  # documented as tandem's own routes document it; checked by check_name
 Wait = Annotated[bool, Query(description="accepted; writes are always durable when answered")]
 JsonBody = Annotated[dict[str, Any], Body(default_factory=dict)]
 
@@ -160,7 +162,8 @@ async def exists(name: Name, runtime: ReadyRuntime) -> dict[str, Any]:
     return _ok({"exists": check_name(name) in runtime.registry.names()}, t0)
 
 
-@router.put("/collections/{name}", summary="create a collection")
+@router.put("/collections/{name}", summary="create a collection",
+              openapi_extra=qs.body(qs.CREATE_COLLECTION))
 async def create_collection(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str, Any]:
     t0 = time.perf_counter()
     check_name(name)
@@ -215,13 +218,14 @@ async def delete_collection(name: Name, runtime: ReadyRuntime) -> dict[str, Any]
     return _ok(existed, t0)
 
 
-@router.put("/collections/{name}/index", summary="create a payload index")
+@router.put("/collections/{name}/index", summary="create a payload index",
+              openapi_extra=qs.body(qs.CREATE_INDEX))
 async def create_index(name: Name, body: JsonBody, runtime: ReadyRuntime, wait: Wait = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     opened = _open(runtime, name)
     schema = body.get("field_schema")
     kind = schema.get("type") if isinstance(schema, dict) else schema
-    if kind not in _INDEX_TYPES:
+    if not isinstance(kind, str) or kind not in _INDEX_TYPES:
         raise BadRequest(f"field_schema {kind!r} is not supported: use one of {', '.join(_INDEX_TYPES)}")
     await run_in_threadpool(opened.guarded, opened.collection.create_payload_index, body.get("field_name"),
                             _INDEX_TYPES[kind])
@@ -237,7 +241,8 @@ async def delete_index(name: Name, field_name: str, runtime: ReadyRuntime, wait:
 
 
 # -- points ---------------------------------------------------------------------------------------
-@router.put("/collections/{name}/points", summary="upsert points (records or a batch)")
+@router.put("/collections/{name}/points", summary="upsert points (records or a batch)",
+              openapi_extra=qs.body(qs.UPSERT))
 async def upsert(name: Name, body: JsonBody, runtime: ReadyRuntime, wait: Wait = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     opened = _open(runtime, name)
@@ -246,8 +251,10 @@ async def upsert(name: Name, body: JsonBody, runtime: ReadyRuntime, wait: Wait =
         batch = body["batch"]
         if not isinstance(batch, dict):
             raise BadRequest("batch must be {'ids': [...], 'vectors': [...], 'payloads': [...]}")
-        ids, vectors = batch.get("ids") or [], batch.get("vectors") or []
-        payloads = batch.get("payloads") or [None] * len(ids)
+        ids, vectors, payloads = (batch.get(k) or [] for k in ("ids", "vectors", "payloads"))
+        if not all(isinstance(x, list) for x in (ids, vectors, payloads)):
+            raise BadRequest("batch: ids, vectors and payloads must be lists")
+        payloads = payloads or [None] * len(ids)
         records = [{"id": i, "vector": v, "payload": p} for i, v, p in zip(ids, vectors, payloads, strict=False)]
         if not len(ids) == len(vectors) == len(payloads):
             raise BadRequest("batch: ids, vectors and payloads must be as long as each other")
@@ -268,7 +275,8 @@ async def upsert(name: Name, body: JsonBody, runtime: ReadyRuntime, wait: Wait =
     return _completed(t0)
 
 
-@router.post("/collections/{name}/points", summary="retrieve points by id")
+@router.post("/collections/{name}/points", summary="retrieve points by id",
+              openapi_extra=qs.body(qs.RETRIEVE))
 async def retrieve(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str, Any]:
     t0 = time.perf_counter()
     opened = _open(runtime, name)
@@ -283,17 +291,18 @@ async def retrieve(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[st
 
 
 @router.get("/collections/{name}/points/{point_id}", summary="one point")
-async def get_point(name: Name, point_id: str, runtime: ReadyRuntime) -> dict[str, Any]:
+async def get_point(name: Name, point_id: PointIdSegment, runtime: ReadyRuntime) -> dict[str, Any]:
     t0 = time.perf_counter()
     opened = _open(runtime, name)
-    key: str | int = int(point_id) if point_id.isdigit() else point_id
+    key = parse_id(point_id, "auto")  # as tandem's own GET: ASCII digits are an integer id
     point = await run_in_threadpool(opened.guarded, opened.collection.get, key)
     if point is None:
         raise NotFound(f"No point with id {point_id} found")
     return _ok({"id": point.id, "payload": point.payload or {}, "vector": point.vector.tolist()}, t0)
 
 
-@router.post("/collections/{name}/points/delete", summary="delete points by ids or by filter")
+@router.post("/collections/{name}/points/delete", summary="delete points by ids or by filter",
+              openapi_extra=qs.body(qs.DELETE))
 async def delete(name: Name, body: JsonBody, runtime: ReadyRuntime, wait: Wait = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     opened = _open(runtime, name)
@@ -320,7 +329,8 @@ def _all_ids(opened: OpenCollection, flt: dict[str, Any] | None) -> list[Any]:
             return ids
 
 
-@router.post("/collections/{name}/points/scroll", summary="points in id order, a page at a time")
+@router.post("/collections/{name}/points/scroll", summary="points in id order, a page at a time",
+              openapi_extra=qs.body(qs.SCROLL))
 async def scroll(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str, Any]:
     t0 = time.perf_counter()
     opened = _open(runtime, name)
@@ -334,7 +344,8 @@ async def scroll(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str,
     return _ok({"points": records, "next_page_offset": after}, t0)
 
 
-@router.post("/collections/{name}/points/count", summary="how many points pass a filter")
+@router.post("/collections/{name}/points/count", summary="how many points pass a filter",
+              openapi_extra=qs.body(qs.COUNT))
 async def count(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str, Any]:
     t0 = time.perf_counter()
     opened = _open(runtime, name)
@@ -375,13 +386,15 @@ async def _search(opened: OpenCollection, runtime: Runtime, vector: Any, body: d
              "vector": vectors.get(h.id)} for h in hits]
 
 
-@router.post("/collections/{name}/points/search", summary="nearest points to a vector")
+@router.post("/collections/{name}/points/search", summary="nearest points to a vector",
+              openapi_extra=qs.body(qs.SEARCH))
 async def search(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str, Any]:
     t0 = time.perf_counter()
     return _ok(await _search(_open(runtime, name), runtime, body.get("vector"), body), t0)
 
 
-@router.post("/collections/{name}/points/query", summary="nearest points to a vector (the Query API)")
+@router.post("/collections/{name}/points/query", summary="nearest points to a vector (the Query API)",
+              openapi_extra=qs.body(qs.QUERY))
 async def query(name: Name, body: JsonBody, runtime: ReadyRuntime) -> dict[str, Any]:
     t0 = time.perf_counter()
     for unsupported in ("prefetch", "using", "lookup_from"):
@@ -408,5 +421,5 @@ for _path, _endpoint, _what in (("/collections/{name}/snapshots", _snapshots, "s
                                 ("/collections/{name}/shards", _shards, "shard_keys"),
                                 ("/collections/aliases", _aliases, "aliases")):
     for _method in ("GET", "POST", "PUT"):
-        router.add_api_route(_path, _endpoint, methods=[_method], summary=f"{_what}: not supported",
-                             operation_id=f"qdrant_{_what}_{_method.lower()}")
+        # Refused with Qdrant's error shape, and left out of the OpenAPI document: not part of the API.
+        router.add_api_route(_path, _endpoint, methods=[_method], include_in_schema=False)

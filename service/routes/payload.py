@@ -72,11 +72,11 @@ async def count(body: CountRequest, opened: CollectionDep) -> CountResponse:
 
 @router.post(
     "/facet", response_model=FacetResponse,
-    summary="points per value of a keyword- or bool-indexed key, among those that pass a filter",
-    responses={422: {"description": "the key has no keyword or bool index, or a malformed filter"}},
+    summary="points per string or boolean value of a key, among those that pass a filter",
+    responses={422: {"description": "the key is indexed as a number or datetime, or a malformed filter"}},
 )
 async def facet(body: FacetRequest, opened: CollectionDep) -> FacetResponse:
-    found = await run_in_threadpool(
+    found, indexed = await run_in_threadpool(
         opened.guarded, opened.collection.facet, body.key, filter=body.filter, limit=body.limit
     )
-    return FacetResponse(key=body.key, values=[FacetValue(value=v, count=c) for v, c in found])
+    return FacetResponse(key=body.key, values=[FacetValue(value=v, count=c) for v, c in found], indexed=indexed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -23,6 +23,11 @@ from service.schemas import DeleteResult, PointOut, PointsDelete, PointsUpsert, 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/collections/{name}/points", tags=["points"])
+
+PointIdSegment = Annotated[str, Path(
+    min_length=1, max_length=512,
+    description="ASCII digits without leading zeros: the integer id (below 2**63); otherwise a string id",
+)]
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -92,7 +97,7 @@ async def delete_points(body: PointsDelete, opened: CollectionDep, runtime: Read
 
 @router.get("/{point_id}", response_model=PointOut, summary="one point by id (see the note on ids)")
 async def get_point(
-    point_id: str,
+    point_id: PointIdSegment,
     opened: CollectionDep,
     id_type: Annotated[
         Literal["auto", "int", "string"],
