@@ -9,8 +9,8 @@ from __future__ import annotations
 import runpy
 import sys
 
-MODULES = ["encoder_bench", "index_bench", "filter_bench", "multivector_bench", "service_bench", "soak_bench",
-           "crash_bench"]
+MODULES = ["encoder_bench", "index_bench", "filter_bench", "multivector_bench", "service_bench", "compat_bench",
+           "soak_bench", "crash_bench"]
 
 
 def main() -> None:
