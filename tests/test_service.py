@@ -75,6 +75,33 @@ def test_openapi_documents_every_route(client: httpx.Client) -> None:
     assert client.get("/docs").status_code == 200
 
 
+def test_openapi_examples_are_served_and_bounds_are_the_enforced_ones(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    create = schemas["CollectionCreate"]["examples"][0]
+    assert client.put("/collections/examples", json=create).status_code == 201
+    upsert = spec["paths"]["/collections/{name}/points"]["put"]["requestBody"]["content"]["application/json"]["schema"]
+    for path, example in (
+        ("/collections/examples/points", upsert["examples"][0]),
+        *(("/collections/examples/search", e) for e in schemas["SearchRequest"]["examples"]),
+        ("/collections/examples/search/batch", schemas["SearchBatch"]["examples"][0]),
+        ("/collections/examples/count", schemas["CountRequest"]["examples"][0]),
+    ):
+        r = client.request("PUT" if path.endswith("points") else "POST", path, json=example)
+        assert r.status_code == 200, (path, r.text)
+    # exactly one source, as validation says; integer bounds as integers (not 1.0)
+    assert schemas["SearchRequest"]["oneOf"] == [{"required": [k]} for k in ("vector", "text", "vectors")]
+    assert schemas["SearchRequest"]["properties"]["k"]["minimum"] == 1
+    assert isinstance(schemas["SearchRequest"]["properties"]["k"]["minimum"], int)
+    # ids: the documented bound is the enforced one
+    bound = upsert["properties"]["points"]["items"]["properties"]["id"]["anyOf"][0]["exclusiveMaximum"]
+    assert bound == 2**63
+    for key, status in ((bound - 1, 200), (bound, 422), ("x" * 512, 200), ("x" * 513, 422), ("", 422)):
+        r = client.put("/collections/examples/points", json={"points": [{"id": key, "text": "t"}]})
+        assert r.status_code == status, (key, r.text)
+    client.delete("/collections/examples")
+
+
 def test_unknown_route_and_method(client: httpx.Client) -> None:
     assert_error(client.get("/nope"), 404, "not_found")
     assert_error(client.post("/livez"), 405)

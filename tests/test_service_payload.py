@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -109,5 +110,7 @@ def test_openapi_documents_payload_routes(client: httpx.Client) -> None:
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     assert schema["PayloadIndexCreate"]["properties"]["type"]["enum"] == ["keyword", "integer", "float", "bool",
                                                                           "datetime"]
-    assert "range" in paths["/collections/{name}/count"]["post"]["requestBody"]["content"]["application/json"][
-        "schema"]["$ref"] or "range" in schema["CountRequest"]["properties"]["filter"]["description"]
+    documented = json.dumps(schema["CountRequest"]["properties"]["filter"])  # every condition, with its bounds
+    for condition in ("match", "any", "range", "exists", "is_null", "is_empty", "has_id"):
+        assert f'"title": "condition: {condition}"' in documented, condition
+    assert '"format": "date-time"' in documented and '"pattern": "^[A-Za-z0-9_' in documented
