@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS points (
     key NOT NULL,
     payload TEXT,
     live INTEGER NOT NULL DEFAULT 1,
-    n_vectors INTEGER  -- multi-vector collections: the size of the point's vector set
+    n_vectors INTEGER,  -- multi-vector collections: the size of the point's vector set
+    text TEXT  -- the text a point was made from (the sparse stage indexes it); NULL: a vector only
 );
 CREATE UNIQUE INDEX IF NOT EXISTS points_live_key ON points(key) WHERE live = 1;
 """
@@ -53,6 +54,9 @@ class Catalog:
             # FULL: a returned commit survives power loss and SIGKILL, not only the process.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(points)")}
+            if "text" not in columns:  # a collection made before points kept their text
+                self._db.execute("ALTER TABLE points ADD COLUMN text TEXT")
         except BaseException:
             self._db.close()
             raise
@@ -120,6 +124,7 @@ class Catalog:
         first_row: int,
         *,
         set_sizes: Sequence[int] | None = None,
+        texts: Sequence[str | None] | None = None,
         meta: dict[str, str] | None = None,
     ) -> np.ndarray:
         """Insert ``keys`` at rows ``first_row...``; tombstone the rows they replace. One transaction.
@@ -128,14 +133,15 @@ class Catalog:
         rows, ``(r,) int64``.
         """
         sizes = set_sizes if set_sizes is not None else [None] * len(keys)
+        texts = texts if texts is not None else [None] * len(keys)
         with self._transaction():
             replaced = self._live_rows(keys)
             if len(replaced):
                 self._tombstone(replaced)
             rows = range(first_row, first_row + len(keys))
             self._db.executemany(
-                "INSERT INTO points(row, key, payload, live, n_vectors) VALUES (?, ?, ?, 1, ?)",
-                zip(rows, keys, payloads, sizes, strict=True),
+                "INSERT INTO points(row, key, payload, live, n_vectors, text) VALUES (?, ?, ?, 1, ?, ?)",
+                zip(rows, keys, payloads, sizes, texts, strict=True),
             )
             self._set_meta({"n_rows": str(first_row + len(keys)), **(meta or {})})
         return replaced
@@ -196,10 +202,24 @@ class Catalog:
         value = self._db.execute("SELECT MAX(row) FROM points").fetchone()[0]
         return -1 if value is None else int(value)
 
-    def find(self, key: PointId) -> tuple[int, dict[str, Any] | None] | None:
+    def find(self, key: PointId) -> tuple[int, dict[str, Any] | None, str | None] | None:
+        """``(row, payload, text)`` of the live point ``key``."""
         with self._reading() as db:
-            row = db.execute("SELECT row, payload FROM points WHERE live = 1 AND key = ?", (key,)).fetchone()
-        return None if row is None else (int(row[0]), _load(row[1]))
+            row = db.execute("SELECT row, payload, text FROM points WHERE live = 1 AND key = ?", (key,)).fetchone()
+        return None if row is None else (int(row[0]), _load(row[1]), row[2])
+
+    def texts(self, *, after_row: int = -1) -> Iterator[tuple[int, str]]:
+        """``(row, text)`` of every row above ``after_row`` that has a text, dead ones too, in row order."""
+        with self._reading() as db:
+            cursor = db.execute("SELECT row, text FROM points WHERE row > ? AND text IS NOT NULL ORDER BY row",
+                                (after_row,))
+            while chunk := cursor.fetchmany(65536):
+                yield from chunk
+
+    def has_text(self) -> bool:
+        """Whether any row has a text."""
+        with self._reading() as db:
+            return db.execute("SELECT 1 FROM points WHERE text IS NOT NULL LIMIT 1").fetchone() is not None
 
     def describe(
         self, rows: Iterable[int], *, with_payload: bool = True

@@ -41,13 +41,15 @@ from index.batch import (
     check_ids,
     check_k,
     check_oversampling,
+    check_texts,
     check_vector_sets,
     check_vectors,
 )
 from index.catalog import Catalog
 from index.coarse import CoarseStage
 from index.coarse.lists import widened
-from index.config import CollectionConfig
+from index.coarse.sparse import SparseStage
+from index.config import CollectionConfig, SearchMode
 from index.dense_store import DenseStore
 from index.errors import (
     CollectionExists,
@@ -99,6 +101,7 @@ class Point(NamedTuple):
     id: PointId
     vector: np.ndarray
     payload: dict[str, Any] | None
+    text: str | None = None  # the text it was made from, if it was
 
 
 class SearchResult(NamedTuple):
@@ -107,6 +110,8 @@ class SearchResult(NamedTuple):
     rerank_s: float
     candidates: int  # rows reranked exactly, per query
     filter_indexed: bool | None = None  # None: no filter; False: a key without a payload index
+    sparse_s: float = 0.0  # in the sparse (BM25) stage
+    mode: SearchMode = "dense"
 
 
 class CollectionStats(NamedTuple):
@@ -166,6 +171,11 @@ class Collection:
         self._closed = False
         self.rebuilds = BackgroundRebuild(str(path))
         self._load_coarse()
+        self._sparse: SparseStage | None = None
+        if config.has_sparse:
+            self._sparse = SparseStage(self._sparse_path(self._generation))
+            # Rows the catalog committed but a crash kept from the sparse stage's commit.
+            self._sparse.catch_up(catalog.texts(after_row=self._sparse.last_row()))
 
     @property
     def _live(self) -> np.ndarray:
@@ -244,6 +254,8 @@ class Collection:
                 self._write_checkpoint(self._coarse.checkpoint(), self._coarse.rows, self._generation)
             with self._checkpoint_lock:  # waits for a checkpoint being written after a write
                 self._closed = True
+            if self._sparse is not None:
+                self._sparse.close()
             self._dense.close()
             if self._sets is not None:
                 self._sets.close()
@@ -256,15 +268,22 @@ class Collection:
         self.close()
 
     # -- writes -------------------------------------------------------------------------------
-    def upsert(self, ids: Sequence[PointId], vectors: Any, payloads: Sequence[Any] | None = None) -> int:
+    def upsert(
+        self, ids: Sequence[PointId], vectors: Any, payloads: Sequence[Any] | None = None,
+        texts: Sequence[str | None] | None = None,
+    ) -> int:
         """Insert or replace points. All or nothing. Returns how many.
 
         ``vectors``: ``(n, dim)``; in a multi-vector collection, a list of n ``(m_i, dim)`` sets.
+        ``texts``: the text each point was made from (None for a point given as a vector only):
+        kept with the point, and indexed by the sparse stage if the collection has one.
         """
         if self._fde is None:
             batch = PointBatch.build(ids, vectors, payloads, dim=self.config.dim, normalize=self._normalize)
-            self._write(batch.ids, batch.vectors, batch.payloads)
+            self._write(batch.ids, batch.vectors, batch.payloads, texts=check_texts(texts, len(batch.ids)))
             return len(batch.ids)
+        if texts is not None and any(t is not None for t in texts):
+            raise InvalidArgument("multi-vector points do not keep a text: pass texts=None")
         sets = VectorSetBatch.build(
             ids, vectors, payloads, dim=self.config.dim, normalize=self._normalize, max_vectors=self._max_vectors
         )
@@ -272,7 +291,8 @@ class Collection:
         return len(sets.ids)
 
     def _write(
-        self, keys: list[PointId], vectors: np.ndarray, payloads: list[str | None], sets: VectorSetBatch | None = None
+        self, keys: list[PointId], vectors: np.ndarray, payloads: list[str | None], sets: VectorSetBatch | None = None,
+        *, texts: list[str | None] | None = None,
     ) -> None:
         checkpoint = None
         # The slow, durable part (append + fsync, the catalog commit) runs under the writers' mutex
@@ -285,7 +305,8 @@ class Collection:
                 if self._sets is not None and sets is not None:
                     meta = {"n_tokens": str(self._sets.append(sets.tokens))}
                 replaced = self._catalog.commit_upsert(
-                    keys, payloads, first, set_sizes=None if sets is None else sets.sizes.tolist(), meta=meta
+                    keys, payloads, first, set_sizes=None if sets is None else sets.sizes.tolist(), texts=texts,
+                    meta=meta,
                 )
             except BaseException as exc:
                 self._dense.rollback()
@@ -310,6 +331,8 @@ class Collection:
                     if coarse.rows - self._saved_rows >= CHECKPOINT_ROWS:
                         checkpoint = (coarse.checkpoint(), coarse.rows, self._generation)
                         self._saved_rows = coarse.rows
+            if self._sparse is not None:  # after the catalog: a crash between is caught up on open
+                self._sparse.write(first, texts or [], replaced)
         if checkpoint is not None:  # written with the locks released: searches and writes go on
             self._save_checkpoint(*checkpoint)
 
@@ -325,6 +348,8 @@ class Collection:
                 raise
             with self._lock.write():
                 self._mark_dead(rows)
+            if self._sparse is not None:
+                self._sparse.write(0, [], rows)
         return len(rows)
 
     def _mark_dead(self, rows: np.ndarray) -> None:
@@ -371,6 +396,11 @@ class Collection:
                 if self._coarse.ready:
                     self._write_checkpoint(self._coarse.checkpoint(), self._coarse.rows, generation)
                 self._saved_rows = self._coarse.rows
+            if self._sparse is not None:  # rows were renumbered: a fresh index of the live texts
+                old_sparse = self._sparse
+                self._sparse = SparseStage(self._sparse_path(generation))
+                self._sparse.catch_up(self._catalog.texts())
+                old_sparse.drop()
         release_free_memory()
 
     # -- reads --------------------------------------------------------------------------------
@@ -382,11 +412,11 @@ class Collection:
                 found = self._catalog.find(key)
                 if found is None:
                     return None
-                row, payload = found
+                row, payload, text = found
                 if row < self._dense.n_rows:
                     if self._sets is not None:  # a multi-vector point: its (m, dim) set
                         return Point(key, self._sets.read(row), payload)
-                    return Point(key, self._dense.read(np.array([row]))[0], payload)
+                    return Point(key, self._dense.read(np.array([row]))[0], payload, text)
             # Committed by a write that is still making its rows visible: wait for it, then read.
             with self._writer:
                 pass
@@ -401,10 +431,21 @@ class Collection:
         filter: Any = None,
         exact: bool = False,
         with_payload: bool = True,
+        text: str | Sequence[str] | None = None,
+        mode: SearchMode | None = None,
     ) -> list[list[Hit]]:
-        """Per query, the ``k`` best hits, best first. ``queries``: ``(q, dim)`` or ``(dim,)``."""
+        """Per query, the ``k`` best hits, best first. ``queries``: ``(q, dim)`` or ``(dim,)``.
+
+        With a sparse stage, ``text`` (one per query) is the lexical query and ``mode`` picks
+        ``dense`` (the vectors only), ``sparse`` (BM25 over the points' text; ``queries`` may be
+        None; scores are BM25 scores) or ``hybrid`` (both candidate sets, reranked by the exact
+        dense score, the dense and BM25 rankings fused by reciprocal rank; scores are the fused
+        ones). The default is hybrid when the collection has a sparse stage and both a vector
+        and a text are given, sparse when only a text is, else dense.
+        """
         return self.search_detailed(
-            queries, k, oversampling=oversampling, filter=filter, exact=exact, with_payload=with_payload
+            queries, k, oversampling=oversampling, filter=filter, exact=exact, with_payload=with_payload,
+            text=text, mode=mode,
         ).hits
 
     def search_detailed(
@@ -416,8 +457,16 @@ class Collection:
         filter: Any = None,
         exact: bool = False,
         with_payload: bool = True,
+        text: str | Sequence[str] | None = None,
+        mode: SearchMode | None = None,
     ) -> SearchResult:
         """``search`` with the time spent in each stage and the number of rows reranked."""
+        texts = [text] if isinstance(text, str) else None if text is None else list(text)
+        mode = self._mode(queries, texts, mode)
+        if mode != "dense":
+            assert texts is not None  # _mode says so
+            return self._search_lexical(queries, texts, k, mode, oversampling=oversampling, filter=filter,
+                                        with_payload=with_payload)
         query_sets: list[np.ndarray] | None = None
         code_queries: np.ndarray | None = None
         if self._fde is not None:
@@ -479,6 +528,91 @@ class Collection:
             t2 = time.perf_counter()
             hits = self._hits(rows, scores, with_payload)
         return SearchResult(hits, t1 - t0, t2 - t1, candidates, indexed)
+
+    def _mode(self, queries: Any, texts: list[str] | None, mode: SearchMode | None) -> SearchMode:
+        """The search mode asked for, or the default; raises InvalidArgument on what cannot be served."""
+        if mode is None:
+            if self._sparse is None or texts is None:
+                mode = "dense"
+            else:
+                mode = "sparse" if queries is None else "hybrid"
+        if mode not in ("dense", "sparse", "hybrid"):
+            raise InvalidArgument(f"mode must be dense, sparse or hybrid, got {mode!r}")
+        if mode != "dense":
+            if self._sparse is None:
+                raise InvalidArgument(
+                    f"mode {mode!r} needs a sparse stage, and this collection has none: create it with "
+                    "sparse=True (or coarse='sparse'), or search in dense mode"
+                )
+            if texts is None or not all(isinstance(t, str) for t in texts):
+                raise InvalidArgument(f"mode {mode!r} searches the points' text: give a text query")
+        if mode != "sparse" and queries is None:
+            raise InvalidArgument(f"mode {mode!r} needs a query vector")
+        return mode
+
+    def _search_lexical(
+        self, queries: Any, texts: list[str], k: int, mode: SearchMode, *, oversampling: float | None,
+        filter: Any, with_payload: bool,
+    ) -> SearchResult:
+        """Sparse and hybrid searches (see ``search``), one query at a time (tantivy answers one)."""
+        assert self._sparse is not None
+        q = None
+        if queries is not None:
+            q = check_vectors(queries, dim=self.config.dim, normalize=self._normalize, what="queries")
+            if len(q) != len(texts):
+                raise InvalidArgument(f"{len(q)} query vectors but {len(texts)} texts: give one text per query")
+        k = check_k(k)
+        factor = check_oversampling(oversampling, self.config.effective_oversampling)
+        n_candidates = max(k, math.ceil(k * factor))
+        flt = Filter.parse(filter) if filter is not None else None
+        sparse_s = dense_s = rerank_s = 0.0
+        rows_out: list[np.ndarray] = []
+        scores_out: list[np.ndarray] = []
+        candidates = 0
+        with self._lock.read():
+            indexed: bool | None = None
+            allowed = Allowed.of_mask(self._live, self.count()) if self._n_dead else None
+            if flt is not None:
+                passing, indexed = self._filter_rows(flt)
+                allowed = Allowed.of_bitmap(passing, self._n_rows)
+            dense_rows = None
+            if mode == "hybrid" and q is not None and self.config.coarse != "sparse":
+                t0 = time.perf_counter()
+                # The dense candidates, as a dense search takes them (exact when few pass).
+                dense_rows = self._dense_candidates(q, n_candidates, allowed)
+                dense_s = time.perf_counter() - t0
+            for i, text in enumerate(texts):
+                t0 = time.perf_counter()
+                lexical, bm25 = self._sparse.candidates(text, k if mode == "sparse" else n_candidates,
+                                                        allowed=allowed)
+                t1 = time.perf_counter()
+                sparse_s += t1 - t0
+                if mode == "sparse":
+                    rows_out.append(lexical[:k])
+                    scores_out.append(bm25[:k])
+                    candidates = max(candidates, len(lexical))
+                    continue
+                assert q is not None
+                union = lexical if dense_rows is None else np.union1d(lexical, dense_rows[i][dense_rows[i] >= 0])
+                ranked, dense_scores = self._rerank(q[i : i + 1], union[None, :], len(union))
+                rows, fused = rrf(ranked[0][ranked[0] >= 0], lexical, k)
+                rerank_s += time.perf_counter() - t1
+                rows_out.append(rows)
+                scores_out.append(fused)
+                candidates = max(candidates, len(union))
+            width = max([len(r) for r in rows_out] + [0])
+            rows_arr = np.array([np.pad(r, (0, width - len(r)), constant_values=-1) for r in rows_out], dtype=np.int64)
+            scores_arr = np.array([np.pad(s, (0, width - len(s))) for s in scores_out], dtype=np.float32)
+            hits = self._hits(rows_arr.reshape(len(texts), width), scores_arr.reshape(len(texts), width), with_payload)
+        return SearchResult(hits, dense_s, rerank_s, candidates, indexed, sparse_s=sparse_s, mode=mode)
+
+    def _dense_candidates(self, q: np.ndarray, n: int, allowed: Allowed | None) -> np.ndarray:
+        """``(q, n')`` rows the dense side of a hybrid search reranks: the coarse stage's, or the
+        exact top ``n`` when there is none yet, or few rows pass."""
+        coarse = self._coarse if self._coarse is not None and self._coarse.ready else None
+        if coarse is None or (allowed is not None and allowed.rows is not None and allowed.count <= n):
+            return self._exact(q, n, allowed)[0]
+        return coarse.candidates(q, n, shortlist=math.ceil(n * self.config.shortlist_factor), allowed=allowed)
 
     # -- filters and payload indexes ------------------------------------------------------------
     def _filter_rows(self, flt: Filter) -> tuple[BitMap, bool]:
@@ -671,6 +805,8 @@ class Collection:
         ram = self._live_buf.nbytes + (self._coarse.ram_bytes() if self._coarse is not None else 0)
         ram += len(self._live_rows.serialize()) + sum(i["ram_bytes"] for i in self.payload_indexes().values())
         disk = sum(_size(f) for f in self.path.iterdir())
+        if self._sparse is not None:
+            disk += self._sparse.disk_bytes()
         return CollectionStats(self.count(), int(ram), int(disk))
 
     # -- files --------------------------------------------------------------------------------
@@ -681,6 +817,9 @@ class Collection:
     def _vectors_path(self, generation: int) -> Path:
         return self.path / f"vectors.{generation}.{'f32' if self.config.dtype == 'float32' else 'f16'}"
 
+    def _sparse_path(self, generation: int) -> Path:
+        return self.path / f"sparse.{generation}"
+
     def _tokens_path(self, generation: int) -> Path:
         return self.path / f"tokens.{generation}.{'f32' if self.config.dtype == 'float32' else 'f16'}"
 
@@ -690,6 +829,9 @@ class Collection:
         for f in [*self.path.glob("vectors.*"), *self.path.glob("tokens.*")]:
             if f.name not in current:
                 f.unlink()
+        for d in self.path.glob("sparse.*"):
+            if d.name != self._sparse_path(self._generation).name:
+                shutil.rmtree(d, ignore_errors=True)
 
     def _save_checkpoint(self, write: coarse_mod.Checkpoint, rows: int, generation: int) -> None:
         """Write a captured checkpoint unless another is being written (the next one will do)."""
@@ -897,3 +1039,20 @@ def _top_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray,
     rows = np.take_along_axis(rows, order, axis=1)
     rows = np.where(np.isfinite(scores), rows, -1)
     return rows, scores
+
+
+#: Reciprocal rank fusion's constant (Cormack, Clarke and Buettcher, SIGIR 2009): a hit at rank r
+#: (1-based) in a ranking adds 1 / (RRF_K + r). 60 is the paper's value and the one Elasticsearch,
+#: Qdrant and Weaviate use; it needs no score scale, so it carries from one corpus to another.
+RRF_K = 60
+
+
+def rrf(dense: np.ndarray, lexical: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best rows by reciprocal rank fusion of two rankings (rows, best first), and their
+    fused scores. A row missing from a ranking gets nothing from it."""
+    fused: dict[int, float] = {}
+    for ranking in (dense, lexical):
+        for rank, row in enumerate(ranking.tolist(), start=1):
+            fused[row] = fused.get(row, 0.0) + 1.0 / (RRF_K + rank)
+    best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:k]
+    return (np.array([r for r, _ in best], dtype=np.int64), np.array([f for _, f in best], dtype=np.float32))

@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Metric = Literal["cosine", "dot"]
-CoarseKind = Literal["ivf", "binary", "pq", "flat"]
+CoarseKind = Literal["ivf", "binary", "pq", "flat", "sparse"]
+SearchMode = Literal["dense", "sparse", "hybrid"]
 DenseDtype = Literal["float32", "float16"]
 BinaryTransform = Literal["sign", "center", "rotate"]
 
@@ -15,7 +16,7 @@ BinaryTransform = Literal["sign", "center", "rotate"]
 # with a Hamming shortlist of 4x rescored asymmetrically in RAM, 10x k rows read from disk gave
 # recall@10 0.993 and 16x gave 0.997; 16 keeps a margin for other corpora. PQ codes are coarser
 # and need a wider net.
-DEFAULT_OVERSAMPLING: dict[str, float] = {"ivf": 16.0, "binary": 16.0, "pq": 32.0, "flat": 1.0}
+DEFAULT_OVERSAMPLING: dict[str, float] = {"ivf": 16.0, "binary": 16.0, "pq": 32.0, "flat": 1.0, "sparse": 16.0}
 
 
 class MultiVectorConfig(BaseModel):
@@ -41,7 +42,10 @@ class CollectionConfig(BaseModel):
     coarse: CoarseKind = Field(
         None,  # type: ignore[arg-type]  # filled in by _default_coarse before validation
         description="the in-RAM stage: ivf (default for single vectors), binary (default for multi-vector), "
-        "pq, or flat (exact scan)",
+        "pq, flat (exact scan), or sparse (BM25 over the points' text only)",
+    )
+    sparse: bool = Field(
+        False, description="keep a sparse (BM25) stage over the points' text beside the dense one: hybrid search"
     )
     bits: Literal[1, 2, 4] = Field(
         1, description="ivf: bits of code per dimension (4-bit PQ, dim * bits / 4 sub-quantizers)"
@@ -84,6 +88,18 @@ class CollectionConfig(BaseModel):
                 "drop them, or set coarse to 'ivf'"
             )
         return self
+
+    @model_validator(mode="after")
+    def _sparse_needs_single_vectors(self) -> CollectionConfig:
+        if self.multivector is not None and self.has_sparse:
+            raise ValueError("the sparse stage indexes one text per point: it is not available for multi-vector "
+                             "collections; drop 'sparse' or 'multivector'")
+        return self
+
+    @property
+    def has_sparse(self) -> bool:
+        """Whether the collection keeps a sparse (BM25) stage."""
+        return self.sparse or self.coarse == "sparse"
 
     @property
     def effective_binary_transform(self) -> BinaryTransform:

@@ -106,6 +106,15 @@ class Allowed:
         """From the rows a filter chose (all below ``n``)."""
         return cls(packed_bits(bm, n), len(bm), n, rows_of(bm))
 
+    def contains(self, rows: np.ndarray) -> np.ndarray:
+        """``(m,) bool``: which of ``rows`` (any ints) are allowed."""
+        rows = np.asarray(rows, dtype=np.int64)
+        inside = (rows >= 0) & (rows < self.n)
+        safe = np.where(inside, rows, 0)
+        bit: np.ndarray = ((self.bits[safe >> 3] >> (safe & 7)) & 1).astype(bool)
+        out: np.ndarray = inside & bit
+        return out
+
     def mask(self) -> np.ndarray:
         """``(n,) bool``."""
         if self._mask is None:
