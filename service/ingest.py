@@ -250,15 +250,16 @@ class Ingestor:
             return
         ids = [entries[i][1].id for i in rows]
         payloads = [entries[i][1].payload for i in rows]
+        texts = [entries[i][1].text for i in rows]  # kept with the points (and the sparse stage's)
         try:
-            opened.collection.upsert(ids, vectors[rows], payloads)
+            opened.collection.upsert(ids, vectors[rows], payloads, texts)
             committed = len(rows)
         except InvalidInput:
             committed = 0  # find the culprits: one point at a time
             for row in rows.tolist():
                 number, p = entries[row]
                 try:
-                    opened.collection.upsert([p.id], vectors[row : row + 1], [p.payload])
+                    opened.collection.upsert([p.id], vectors[row : row + 1], [p.payload], [p.text])
                     committed += 1
                 except InvalidInput as exc:
                     self._fail(job, number, str(exc))

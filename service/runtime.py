@@ -204,7 +204,8 @@ class Runtime:
         return await loop.run_in_executor(self._bulk_pool, lambda: encoder.encode(texts, batch_size=64))
 
     # -- search -----------------------------------------------------------------------------
-    async def _search(self, opened: OpenCollection, queries: Any, req: schemas.SearchRequest) -> SearchResult:
+    async def _search(self, opened: OpenCollection, queries: Any, req: schemas.SearchRequest,
+                      texts: list[str] | None = None) -> SearchResult:
         if self._searches_waiting >= self.settings.search_queue_size:
             raise Overloaded(f"{self._searches_waiting} searches already waiting; retry later")
         self._searches_waiting += 1
@@ -214,7 +215,8 @@ class Runtime:
                 self._search_pool,
                 lambda: opened.guarded(
                     opened.collection.search_detailed, queries, req.k, oversampling=req.oversampling,
-                    filter=req.filter, exact=req.exact, with_payload=req.with_payload,
+                    filter=req.filter, exact=req.exact, with_payload=req.with_payload, text=texts,
+                    mode=req.mode,
                 ),
             )
         finally:
@@ -226,14 +228,16 @@ class Runtime:
         if opened.collection.config.multivector is not None:
             queries: Any = [await self._query_set(opened, req, "")]
             encode_s = time.perf_counter() - t0 if req.text is not None else None
+        elif search_mode(opened, req, 0) == "sparse":
+            queries = None  # BM25 alone: nothing to encode
         elif req.text is not None:
             queries = (await self.encode_query(opened, req.text))[None, :]
             encode_s = time.perf_counter() - t0
         else:
             queries = _vector(req.vector, opened, "vector")[None, :]
-        result = await self._search(opened, queries, req)
+        result = await self._search(opened, queries, req, None if req.text is None else [req.text])
         self.metrics.observe_stages(encode_s, result.coarse_s, result.rerank_s, result.candidates)
-        return _response(result.hits[0], t0, encode_s or 0.0, result.coarse_s, result.rerank_s, result.filter_indexed)
+        return _response(result, 0, t0, encode_s or 0.0, 1)
 
     async def search_batch(
         self, opened: OpenCollection, reqs: list[schemas.SearchRequest]
@@ -247,7 +251,8 @@ class Runtime:
         if opened.collection.config.multivector is not None:
             return [await self.search(opened, r) for r in reqs]
         queries = np.empty((len(reqs), opened.collection.config.dim), dtype=np.float32)
-        text_rows = [i for i, r in enumerate(reqs) if r.text is not None]
+        modes = [search_mode(opened, r, i) for i, r in enumerate(reqs)]
+        text_rows = [i for i, r in enumerate(reqs) if r.text is not None and modes[i] != "sparse"]
         for i, r in enumerate(reqs):
             if r.vectors is not None:
                 raise Unprocessable(
@@ -265,19 +270,22 @@ class Runtime:
         # are shared by all queries of a group.
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(reqs):
-            key = json.dumps([r.k, r.oversampling, r.exact, r.filter, r.with_payload], sort_keys=True)
+            # (searches with and without a text apart: a text makes the default mode hybrid)
+            key = json.dumps([r.k, r.oversampling, r.exact, r.filter, r.with_payload, modes[i], r.text is None],
+                             sort_keys=True)
             groups.setdefault(key, []).append(i)
         out: list[schemas.SearchResponse | None] = [None] * len(reqs)
         for rows in groups.values():
-            result = await self._search(opened, queries[rows], reqs[rows[0]])
+            texts = [reqs[i].text for i in rows]
+            result = await self._search(opened, None if modes[rows[0]] == "sparse" else queries[rows], reqs[rows[0]],
+                                        None if None in texts else [t or "" for t in texts])
             n = len(rows)
             for j, i in enumerate(rows):
                 self.metrics.observe_stages(
                     encode_s / len(reqs) if reqs[i].text is not None else None,
                     result.coarse_s / n, result.rerank_s / n, result.candidates,
                 )
-                out[i] = _response(result.hits[j], t0, encode_s / len(reqs), result.coarse_s / n,
-                                   result.rerank_s / n, result.filter_indexed)
+                out[i] = _response(result, j, t0, encode_s / len(reqs), n)
         return [r for r in out if r is not None]
 
     # -- writes -----------------------------------------------------------------------------
@@ -289,7 +297,8 @@ class Runtime:
                 "split the batch, or stream it to POST /collections/{name}/ingest"
             )
         ids, vectors, payloads = await self.prepare_points(opened, points)
-        n = await run_in_threadpool(opened.guarded, opened.collection.upsert, ids, vectors, payloads)
+        texts = None if opened.collection.config.multivector is not None else [p.text for p in points]
+        n = await run_in_threadpool(opened.guarded, opened.collection.upsert, ids, vectors, payloads, texts)
         self.metrics.upserted_points.inc(n)
         self.metrics.set_points(opened.name, opened.collection.count())
         return n
@@ -398,12 +407,28 @@ def _vector(values: schemas.Vector | None, opened: OpenCollection, where: str) -
     return array
 
 
-def _response(
-    hits: Sequence[Any], t0: float, encode_s: float, coarse_s: float, rerank_s: float, filter_indexed: bool | None
-) -> schemas.SearchResponse:
+def _response(result: SearchResult, j: int, t0: float, encode_s: float, n: int) -> schemas.SearchResponse:
+    """The answer to query ``j`` of ``result`` (one of ``n`` that shared the library call)."""
     return schemas.SearchResponse(
-        filter_indexed=filter_indexed,
-        hits=[schemas.Hit(id=h.id, score=h.score, payload=h.payload) for h in hits],
+        filter_indexed=result.filter_indexed,
+        mode=result.mode,
+        hits=[schemas.Hit(id=h.id, score=h.score, payload=h.payload) for h in result.hits[j]],
         took_ms=(time.perf_counter() - t0) * 1000,
-        stages_ms=schemas.StagesMs(encode=encode_s * 1000, coarse=coarse_s * 1000, rerank=rerank_s * 1000),
+        stages_ms=schemas.StagesMs(encode=encode_s * 1000, coarse=result.coarse_s * 1000 / n,
+                                   sparse=result.sparse_s * 1000 / n, rerank=result.rerank_s * 1000 / n),
     )
+
+
+def search_mode(opened: OpenCollection, req: schemas.SearchRequest, i: int) -> str:
+    """The mode a search runs in (as the library decides it), and a 422 for what cannot be served:
+    checked before anything is encoded."""
+    collection = opened.collection
+    where = f"searches[{i}]: " if i else ""
+    sparse = collection.config.has_sparse
+    mode = req.mode or ("dense" if not sparse or req.text is None else "hybrid")
+    if mode != "dense" and not sparse:
+        raise Unprocessable(f"{where}mode {mode!r} needs a sparse stage, and collection {opened.name!r} has none: "
+                            "create one with \"sparse\": true (or \"coarse\": \"sparse\"), or use mode dense")
+    if mode != "dense" and req.text is None:
+        raise Unprocessable(f"{where}mode {mode!r} searches the points' text: send 'text', not a vector")
+    return mode

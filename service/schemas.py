@@ -21,7 +21,7 @@ from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 
 from index import CollectionConfig, MultiVectorConfig
-from index.config import BinaryTransform, CoarseKind, DenseDtype, Metric
+from index.config import BinaryTransform, CoarseKind, DenseDtype, Metric, SearchMode
 from index.errors import InvalidArgument, InvalidVector
 from index.filters import KEY_PATTERN as PAYLOAD_KEY_PATTERN
 from index.payload_index import PayloadType
@@ -87,7 +87,12 @@ class CollectionCreate(_Body):
     coarse: CoarseKind | None = Field(
         None,
         description="RAM stage: ivf (inverted file of 4-bit PQ codes; the default for single vectors), binary "
-        "(sign codes scanned whole; the default for multi-vector), pq (IVF-PQ, 8-bit), or flat (exact scan)",
+        "(sign codes scanned whole; the default for multi-vector), pq (IVF-PQ, 8-bit), flat (exact scan), or "
+        "sparse (BM25 over the points' text only; needs an encoder)",
+    )
+    sparse: bool = Field(
+        False, description="a sparse (BM25) stage over the points' text beside the dense one, for hybrid search; "
+        "needs an encoder. Points given as vectors have no text: only dense search reaches them",
     )
     bits: Literal[1, 2, 4] = Field(1, description="ivf: bits of code per dimension (RAM: dim * bits / 8 + 8 bytes)")
     nprobe: int | None = Field(
@@ -119,7 +124,7 @@ class CollectionCreate(_Body):
             dim=dim, metric=self.metric, coarse=self.coarse, bits=self.bits, nprobe=self.nprobe, dtype=self.dtype,
             oversampling=self.oversampling, binary_transform=self.binary_transform,
             shortlist_factor=self.shortlist_factor, probe_fraction=self.probe_fraction,
-            multivector=self.multivector,
+            multivector=self.multivector, sparse=self.sparse,
         )
 
 
@@ -204,6 +209,7 @@ class PointOut(BaseModel):
     vector: list[float] | None = Field(None, description="as stored (normalised under cosine)")
     vectors: list[list[float]] | None = Field(None, description="multi-vector collections: the stored set")
     payload: dict[str, Any] | None
+    text: str | None = Field(None, description="the text the point was made from; null for a vector")
 
 
 # -- search -------------------------------------------------------------------------------------
@@ -225,6 +231,12 @@ class SearchRequest(_Body):
     exact: bool = Field(False, description="brute force over every stored vector")
     filter: Filter | None = None
     with_payload: bool = True
+    mode: SearchMode | None = Field(
+        None, description="collections with a sparse stage: dense (vectors), sparse (BM25 over the points' text; "
+        "scores are BM25's) or hybrid (both, reranked by the exact dense score, rankings fused by reciprocal rank; "
+        "scores are the fused ones). null: hybrid for a text where the collection has a sparse stage, else dense. "
+        "sparse and hybrid need 'text'",
+    )
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:
@@ -242,7 +254,8 @@ class Hit(BaseModel):
 
 class StagesMs(BaseModel):
     encode: float = Field(..., description="queueing and encoding the text; 0 for a vector")
-    coarse: float = Field(..., description="candidate selection from RAM codes")
+    coarse: float = Field(..., description="candidate selection from RAM codes (the dense stage)")
+    sparse: float = Field(0.0, description="candidate selection by BM25 (sparse and hybrid modes)")
     rerank: float = Field(..., description="exact scores of the candidates, read from disk")
 
 
@@ -250,6 +263,7 @@ class SearchResponse(BaseModel):
     hits: list[Hit]
     took_ms: float
     stages_ms: StagesMs
+    mode: SearchMode = Field("dense", description="the mode the search ran in")
     filter_indexed: bool | None = Field(
         None, description="null without a filter; false when a filter key has no payload index (slower)"
     )

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import CollectionDep, CollectionName, ReadyRuntime
+from service.errors import Unprocessable
 from service.registry import OpenCollection, check_name
 from service.routes.payload import indexes
 from service.schemas import CollectionCreate, CollectionCreated, CollectionInfo, CollectionList, Dropped
@@ -32,7 +33,13 @@ async def create_collection(
 ) -> CollectionCreated:
     check_name(name)
     dim = runtime.check_encoder(body.encoder, body.dim)
-    opened, created = await run_in_threadpool(runtime.registry.create, name, body.index_config(dim), body.encoder)
+    config = body.index_config(dim)
+    if config.has_sparse and body.encoder is None:
+        raise Unprocessable(
+            "a sparse stage indexes the points' text, and a collection without an 'encoder' takes only vectors: "
+            "give an encoder (e.g. \"encoder\": \"minilm\"), or drop 'sparse'"
+        )
+    opened, created = await run_in_threadpool(runtime.registry.create, name, config, body.encoder)
     if not created:
         response.status_code = 200
     runtime.metrics.set_points(name, opened.collection.count())

@@ -112,7 +112,7 @@ async def get_point(
     stored = point.vector.tolist() if with_vector else None
     if opened.collection.config.multivector is not None:
         return PointOut(id=point.id, vectors=stored, payload=point.payload)
-    return PointOut(id=point.id, vector=stored, payload=point.payload)
+    return PointOut(id=point.id, vector=stored, payload=point.payload, text=point.text)
 
 
 def parse_id(segment: str, id_type: str) -> int | str:
