@@ -2,7 +2,7 @@
 
     tandem serve [--host H] [--port P] [--data-dir D] [--models-dir M] [--api-key K] ...
     tandem export-model --models-dir models
-    tandem eval --dataset PATH [--models-dir models]
+    tandem eval --dataset PATH [--models-dir models] [--url URL --modes dense,sparse,hybrid]
     tandem ingest FILE --collection NAME / search --collection NAME --text T / collections [NAME]
 
 Every `serve` flag is also a `TANDEM_*` environment variable (flags win); `tandem serve --help`
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--models-dir", type=Path, default=Path("models"))
     ev.add_argument("--model", default="minilm")
     ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--url", default=None,
+                    help="evaluate through this running server instead (dense, sparse and hybrid modes)")
+    ev.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"), help="with --url (TANDEM_API_KEY)")
+    ev.add_argument("--modes", default="dense,sparse,hybrid", help="with --url: comma-separated search modes")
     client_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command in ("ingest", "search", "collections"):
@@ -109,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run_export(args.models_dir, args.name)
         return 0
-    from service.evaluate import run_eval_cli
+    from service.evaluate import run_eval_cli, run_http_eval
 
+    if args.url is not None:
+        run_http_eval(args.dataset, args.url, api_key=args.api_key, modes=args.modes.split(","), encoder=args.model)
+        return 0
     run_eval_cli(args.dataset, args.models_dir, model=args.model, threads=args.threads)  # prints its table
     return 0
 

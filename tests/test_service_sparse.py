@@ -4,11 +4,18 @@ nothing written. A real server with the MiniLM encoder on loopback (tests/server
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
+from tests.server import REPO_ROOT
 from tests.test_service import assert_error
 
 pytestmark = pytest.mark.slow
@@ -102,3 +109,26 @@ def test_bad_combinations_get_422_and_nothing_is_written(client: httpx.Client, h
     assert_error(client.put(f"/collections/{hybrid}/points", json=bad), 422)
     assert client.get(f"/collections/{hybrid}").json()["points"] == before
     client.delete("/collections/plain")
+
+
+def test_eval_through_the_service_in_every_mode(server: Any, tmp_path: Path) -> None:
+    """`tandem eval --url`: a small BEIR-format set whose queries name each document's identifier,
+    which BM25 finds and dense retrieval (on made-up codes) mostly cannot."""
+    folder = tmp_path / "codes"
+    (folder / "qrels").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    subjects = ["pump", "valve", "sensor", "relay", "motor", "fan"]
+    docs = {f"d{i}": f"part QX{1000 + i} {subjects[i % 6]} assembly revision {rng.integers(9)}" for i in range(60)}
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "text": t}) + "\n" for d, t in docs.items()))
+    queries = {f"q{i}": f"QX{1000 + i}" for i in range(0, 60, 3)}
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(0, 60, 3)))
+    done = subprocess.run([sys.executable, "-m", "service.cli", "eval", "--dataset", str(folder), "--url", server.url],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = {line.split()[1]: [float(x) for x in line.split()[2:5]] for line in done.stdout.splitlines()
+             if line.startswith("http ")}
+    assert set(table) == {"dense", "sparse", "hybrid"}, done.stdout
+    assert table["sparse"][0] == pytest.approx(1.0)  # every identifier found first
+    assert table["hybrid"][0] >= table["dense"][0] and table["hybrid"][1] == pytest.approx(1.0), done.stdout
