@@ -196,3 +196,52 @@ def test_modes_and_bad_combinations(tmp_path: Path) -> None:
     col.close()
     with pytest.raises(ValueError, match="not available for multi-vector"):
         CollectionConfig(dim=8, sparse=True, multivector={})
+
+
+SPARSE_WRITER = """
+import sys, numpy as np
+from index import Collection, CollectionConfig
+col = Collection.create(sys.argv[1], CollectionConfig(dim=8, coarse="flat", sparse=True))
+for b in range(1000):
+    rng = np.random.default_rng(b)
+    print("begin", b, flush=True)
+    col.upsert([f"{b}-{i}" for i in range(2000)], rng.standard_normal((2000, 8)).astype(np.float32),
+               texts=[f"batch{b} item{i} common" for i in range(2000)])
+    print("done", b, flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.08])
+def test_sigkill_keeps_every_acknowledged_text_searchable(tmp_path: Path, delay: float) -> None:
+    """A real SIGKILL at random moments of a writer: every batch whose upsert returned is found by
+    BM25 after reopening (the catalog's commit and the stage's are caught up), and a batch is
+    found whole or not at all."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", SPARSE_WRITER, str(tmp_path / "c")], stdout=subprocess.PIPE,
+                            text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    done: list[int] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        word, b = line.split()
+        if word == "done":
+            done.append(int(b))
+        elif word == "begin" and int(b) == 3:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert done == [0, 1, 2]
+    col = Collection.open(tmp_path / "c")
+    n = col.count()
+    assert n in (6000, 8000)
+    for b in range(n // 2000):
+        found = {h.id for h in col.search(None, 5000, text=f"batch{b}", mode="sparse")[0]}
+        assert found == {f"{b}-{i}" for i in range(2000)}, b
+    assert len(col.search(None, 10_000, text="common", mode="sparse")[0]) == n
+    col.close()
