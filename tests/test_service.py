@@ -166,8 +166,10 @@ def test_vector_search_matches_brute_force(client: httpx.Client, vec_collection:
         r = client.post("/collections/vecs/search", json={"vector": q.tolist(), "k": 10})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"hits", "took_ms", "stages_ms", "filter_indexed"} and body["filter_indexed"] is None
-        assert set(body["stages_ms"]) == {"encode", "coarse", "rerank"} and body["stages_ms"]["encode"] == 0
+        assert set(body) == {"hits", "took_ms", "stages_ms", "filter_indexed", "mode"} and body["mode"] == "dense"
+        assert body["filter_indexed"] is None
+        assert set(body["stages_ms"]) == {"encode", "coarse", "sparse", "rerank"} and body["stages_ms"]["encode"] == 0
+        assert body["stages_ms"]["sparse"] == 0
         truth = set(np.argsort(-(x @ q))[:10].tolist())
         found += len(truth & {h["id"] for h in body["hits"]})
         scores = [h["score"] for h in body["hits"]]
