@@ -12,7 +12,7 @@ Per query: the exact dense top 100 (MiniLM cosine, numpy), BM25's top 100 (tande
 tantivy), and their union scored by the exact dense score, as tandem's hybrid mode does. Fusions
 compared on the same candidates: reciprocal rank fusion (RRF) with k = 10, 30, 60, 100, and a convex
 combination alpha * dense + (1 - alpha) * BM25 of min-max normalised scores for alpha 0.2-0.8.
-Then tandem's own hybrid search (the library, default settings, k = 100) for the figures it
+Then tandem's own searches (the library, default settings: convex fusion; k = 100) for the figures it
 serves. nDCG@10, recall@100, MRR@10. Writes benchmarks/results/hybrid.json and hybrid.png.
 """
 

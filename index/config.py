@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Metric = Literal["cosine", "dot"]
 CoarseKind = Literal["ivf", "binary", "pq", "flat", "sparse"]
 SearchMode = Literal["dense", "sparse", "hybrid"]
+Fusion = Literal["convex", "rrf"]
 DenseDtype = Literal["float32", "float16"]
 BinaryTransform = Literal["sign", "center", "rotate"]
 

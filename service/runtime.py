@@ -216,7 +216,7 @@ class Runtime:
                 lambda: opened.guarded(
                     opened.collection.search_detailed, queries, req.k, oversampling=req.oversampling,
                     filter=req.filter, exact=req.exact, with_payload=req.with_payload, text=texts,
-                    mode=req.mode,
+                    mode=req.mode, fusion=req.fusion,
                 ),
             )
         finally:
@@ -271,8 +271,8 @@ class Runtime:
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(reqs):
             # (searches with and without a text apart: a text makes the default mode hybrid)
-            key = json.dumps([r.k, r.oversampling, r.exact, r.filter, r.with_payload, modes[i], r.text is None],
-                             sort_keys=True)
+            key = json.dumps([r.k, r.oversampling, r.exact, r.filter, r.with_payload, modes[i], r.fusion,
+                              r.text is None], sort_keys=True)
             groups.setdefault(key, []).append(i)
         out: list[schemas.SearchResponse | None] = [None] * len(reqs)
         for rows in groups.values():

@@ -21,7 +21,7 @@ from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 
 from index import CollectionConfig, MultiVectorConfig
-from index.config import BinaryTransform, CoarseKind, DenseDtype, Metric, SearchMode
+from index.config import BinaryTransform, CoarseKind, DenseDtype, Fusion, Metric, SearchMode
 from index.errors import InvalidArgument, InvalidVector
 from index.filters import KEY_PATTERN as PAYLOAD_KEY_PATTERN
 from index.payload_index import PayloadType
@@ -236,6 +236,10 @@ class SearchRequest(_Body):
         "scores are BM25's) or hybrid (both, reranked by the exact dense score, rankings fused by reciprocal rank; "
         "scores are the fused ones). null: hybrid for a text where the collection has a sparse stage, else dense. "
         "sparse and hybrid need 'text'",
+    )
+    fusion: Fusion = Field(
+        "convex", description="hybrid: convex (the mean of the dense and BM25 scores, each min-max normalised over "
+        "the candidates; measured better on two corpora) or rrf (reciprocal rank fusion, 1 / (60 + rank) summed)",
     )
 
     @model_validator(mode="after")
