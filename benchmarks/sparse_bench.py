@@ -115,6 +115,56 @@ def run(name: str, workdir: Path, n_queries: int) -> dict[str, Any]:
     return out
 
 
+def libraries(n_queries: int) -> dict[str, Any]:
+    """bm25s (with PyStemmer) against tantivy on the glosses: build time, a query's top 100 (rows
+    included), memory, and what an append costs; the measurement the sparse stage was chosen by."""
+    import bm25s
+    import Stemmer
+    import tantivy
+
+    from index.coarse.sparse import SparseStage
+
+    _, texts, _, queries = dataset("glosses", n_queries)
+    out: dict[str, Any] = {"docs": len(texts)}
+    stemmer = Stemmer.Stemmer("english")
+    t0 = time.perf_counter()
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
+    build = time.perf_counter() - t0
+    ms = []
+    for q in queries:
+        t = time.perf_counter()
+        tokens = bm25s.tokenize([q], stopwords="en", stemmer=stemmer, show_progress=False, return_ids=False)
+        retriever.retrieve(tokens, k=100, show_progress=False, n_threads=1)
+        ms.append((time.perf_counter() - t) * 1000)
+    matrix = retriever.scores
+    out["bm25s"] = {"build_s": round(build, 2), "query_p50_ms": round(float(np.median(ms)), 3),
+                    "ram_bytes_per_doc": round(sum(matrix[k].nbytes for k in ("data", "indices", "indptr"))
+                                               / len(texts), 1),
+                    "appends": "none: the score matrix is built whole (index() again)"}
+    with tempfile.TemporaryDirectory(prefix="tandem-lib-") as tmp:
+        stage = SparseStage(Path(tmp) / "s")
+        t0 = time.perf_counter()
+        stage.write(0, texts)
+        build = time.perf_counter() - t0
+        ms = []
+        for q in queries:
+            t = time.perf_counter()
+            stage.candidates(q, 100, allowed=None)
+            ms.append((time.perf_counter() - t) * 1000)
+        appends = []
+        for j in range(20):
+            t = time.perf_counter()
+            stage.write(len(texts) + 64 * j, texts[64 * j : 64 * (j + 1)])
+            appends.append((time.perf_counter() - t) * 1000)
+        out["tantivy"] = {"version": tantivy.__version__ if hasattr(tantivy, "__version__") else "?",
+                          "build_s": round(build, 2), "query_p50_ms": round(float(np.median(ms)), 3),
+                          "index_bytes_per_doc": round(stage.disk_bytes() / len(texts), 1),
+                          "append_64_docs_and_commit_p50_ms": round(float(np.median(appends)), 2)}
+        stage.close()
+    return out
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -140,6 +190,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300)
     args = parser.parse_args()
     result: dict[str, Any] = {"machine": machine(), "loadavg_at_start": os.getloadavg(), "sizes": {}}
+    result["libraries"] = libraries(args.queries)
+    print("libraries", result["libraries"], flush=True)
     with tempfile.TemporaryDirectory(prefix="tandem-sparse-") as tmp:
         for name in args.sizes.split(","):
             result["sizes"][name] = run(name, Path(tmp), args.queries)

@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.evaluate import run_eval_cli, run_http_eval
 
     if args.url is not None:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
         run_http_eval(args.dataset, args.url, api_key=args.api_key, modes=args.modes.split(","), encoder=args.model)
         return 0
     run_eval_cli(args.dataset, args.models_dir, model=args.model, threads=args.threads)  # prints its table
