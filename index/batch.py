@@ -40,11 +40,6 @@ def check_id(value: Any, where: str = "id") -> PointId:
     return value
 
 
-#: The longest text a point keeps (characters): the encoder reads only its first tokens, but the
-#: sparse stage indexes it all.
-MAX_TEXT_CHARS = 1_000_000
-
-
 def check_texts(texts: Sequence[Any] | None, n: int) -> list[str | None] | None:
     """``texts`` as one string (or None) per point, or None if not given; raises InvalidArgument."""
     if texts is None:
@@ -52,8 +47,8 @@ def check_texts(texts: Sequence[Any] | None, n: int) -> list[str | None] | None:
     if isinstance(texts, str | bytes) or not isinstance(texts, Sequence) or len(texts) != n:
         raise InvalidArgument(f"texts must be a list of {n} strings or None, one per point")
     for i, text in enumerate(texts):
-        if text is not None and (not isinstance(text, str) or len(text) > MAX_TEXT_CHARS):
-            raise InvalidArgument(f"texts[{i}] must be a string of at most {MAX_TEXT_CHARS} characters, or None")
+        if text is not None and not isinstance(text, str):
+            raise InvalidArgument(f"texts[{i}] must be a string or None, got {type(text).__name__}")
     return list(texts)
 
 

@@ -209,10 +209,11 @@ class Catalog:
         return None if row is None else (int(row[0]), _load(row[1]), row[2])
 
     def texts(self, *, after_row: int = -1) -> Iterator[tuple[int, str]]:
-        """``(row, text)`` of every row above ``after_row`` that has a text, dead ones too, in row order."""
+        """``(row, text)`` of every live row above ``after_row`` that has a text, in row order."""
         with self._reading() as db:
-            cursor = db.execute("SELECT row, text FROM points WHERE row > ? AND text IS NOT NULL ORDER BY row",
-                                (after_row,))
+            cursor = db.execute(
+                "SELECT row, text FROM points WHERE row > ? AND live = 1 AND text IS NOT NULL ORDER BY row",
+                (after_row,))
             while chunk := cursor.fetchmany(65536):
                 yield from chunk
 

@@ -172,10 +172,12 @@ class Collection:
         self.rebuilds = BackgroundRebuild(str(path))
         self._load_coarse()
         self._sparse: SparseStage | None = None
+        # True when the sparse stage may lack committed rows (a crash, or a write it failed):
+        # the next write, or this open, indexes them from the catalog.
+        self._sparse_behind = True
         if config.has_sparse:
             self._sparse = SparseStage(self._sparse_path(self._generation))
-            # Rows the catalog committed but a crash kept from the sparse stage's commit.
-            self._sparse.catch_up(catalog.texts(after_row=self._sparse.last_row()))
+            self._sparse_write(self._n_rows, [], ())
 
     @property
     def _live(self) -> np.ndarray:
@@ -331,8 +333,7 @@ class Collection:
                     if coarse.rows - self._saved_rows >= CHECKPOINT_ROWS:
                         checkpoint = (coarse.checkpoint(), coarse.rows, self._generation)
                         self._saved_rows = coarse.rows
-            if self._sparse is not None:  # after the catalog: a crash between is caught up on open
-                self._sparse.write(first, texts or [], replaced)
+            self._sparse_write(first, texts or [], replaced)  # after the catalog: see _sparse_write
         if checkpoint is not None:  # written with the locks released: searches and writes go on
             self._save_checkpoint(*checkpoint)
 
@@ -348,8 +349,7 @@ class Collection:
                 raise
             with self._lock.write():
                 self._mark_dead(rows)
-            if self._sparse is not None:
-                self._sparse.write(0, [], rows)
+            self._sparse_write(self._n_rows, [], rows)
         return len(rows)
 
     def _mark_dead(self, rows: np.ndarray) -> None:
@@ -398,8 +398,8 @@ class Collection:
                 self._saved_rows = self._coarse.rows
             if self._sparse is not None:  # rows were renumbered: a fresh index of the live texts
                 old_sparse = self._sparse
-                self._sparse = SparseStage(self._sparse_path(generation))
-                self._sparse.catch_up(self._catalog.texts())
+                self._sparse, self._sparse_behind = SparseStage(self._sparse_path(generation)), True
+                self._sparse_write(self._n_rows, [], ())
                 old_sparse.drop()
         release_free_memory()
 
@@ -825,6 +825,25 @@ class Collection:
 
     def _vectors_path(self, generation: int) -> Path:
         return self.path / f"vectors.{generation}.{'f32' if self.config.dtype == 'float32' else 'f16'}"
+
+    def _sparse_write(self, first_row: int, texts: Sequence[str | None], deleted: Any) -> None:
+        """Index rows ``first_row...`` in the sparse stage and drop ``deleted`` (under the writers'
+        mutex, after the catalog committed them). The catalog is the truth: when the stage may be
+        behind it (``_sparse_behind``), every live row above its last committed one is indexed
+        from the catalog instead, these included. A failure is logged, not raised: the points
+        are durable and found by dense search, and the next write or open indexes them."""
+        if self._sparse is None:
+            return
+        try:
+            if self._sparse_behind:
+                self._sparse.catch_up(self._catalog.texts(after_row=self._sparse.last_row()))
+                self._sparse_behind = False
+                texts = []
+            self._sparse.write(first_row, texts, deleted)
+        except Exception:
+            self._sparse_behind = True
+            logger.exception("%s: the sparse stage could not index rows from %d; they are stored, and the "
+                             "next write or open indexes them", self.path, first_row)
 
     def _sparse_path(self, generation: int) -> Path:
         return self.path / f"sparse.{generation}"

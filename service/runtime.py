@@ -228,7 +228,7 @@ class Runtime:
         if opened.collection.config.multivector is not None:
             queries: Any = [await self._query_set(opened, req, "")]
             encode_s = time.perf_counter() - t0 if req.text is not None else None
-        elif search_mode(opened, req, 0) == "sparse":
+        elif search_mode(opened, req, None) == "sparse":
             queries = None  # BM25 alone: nothing to encode
         elif req.text is not None:
             queries = (await self.encode_query(opened, req.text))[None, :]
@@ -419,11 +419,11 @@ def _response(result: SearchResult, j: int, t0: float, encode_s: float, n: int) 
     )
 
 
-def search_mode(opened: OpenCollection, req: schemas.SearchRequest, i: int) -> str:
+def search_mode(opened: OpenCollection, req: schemas.SearchRequest, i: int | None) -> str:
     """The mode a search runs in (as the library decides it), and a 422 for what cannot be served:
     checked before anything is encoded."""
     collection = opened.collection
-    where = f"searches[{i}]: " if i else ""
+    where = f"searches[{i}]: " if i is not None else ""
     sparse = collection.config.has_sparse
     mode = req.mode or ("dense" if not sparse or req.text is None else "hybrid")
     if mode != "dense" and not sparse:

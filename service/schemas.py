@@ -233,9 +233,9 @@ class SearchRequest(_Body):
     with_payload: bool = True
     mode: SearchMode | None = Field(
         None, description="collections with a sparse stage: dense (vectors), sparse (BM25 over the points' text; "
-        "scores are BM25's) or hybrid (both, reranked by the exact dense score, rankings fused by reciprocal rank; "
-        "scores are the fused ones). null: hybrid for a text where the collection has a sparse stage, else dense. "
-        "sparse and hybrid need 'text'",
+        "scores are BM25's) or hybrid (both candidate sets, scored by the exact dense score, then fused with BM25 "
+        "as 'fusion' says; scores are the fused ones). null: hybrid for a text where the collection has a sparse "
+        "stage, else dense. sparse and hybrid need 'text'",
     )
     fusion: Fusion = Field(
         "convex", description="hybrid: convex (the mean of the dense and BM25 scores, each min-max normalised over "

@@ -68,7 +68,10 @@ def test_generated_requests_get_no_5xx_and_conform_to_the_schema(tmp_path: Path,
             assert data["test_cases"]["with_failures"] == 0 and data["operations"]["errored"] == 0, output
             # The schema documents what validation enforces: no operation rejects most of what is
             # generated from it, but those whose vectors must have the collection's dimension.
-            assert set(data["warnings"]["validation_mismatch"]) <= DIMENSION_BOUND, output
+            # (Checked where every name is the `docs` collection: with random names, a body meets
+            # whatever collection an earlier generated request created, of any dimension.)
+            if run == "docs":
+                assert set(data["warnings"]["validation_mismatch"]) <= DIMENSION_BOUND, output
             generated += data["test_cases"]["generated"]
         server_errors = [x for x in srv.log().splitlines() if '"status": 5' in x and '"route": "/readyz"' not in x]
         assert not server_errors, server_errors[:5]  # (/readyz says 503 while the server starts)

@@ -74,15 +74,20 @@ class SparseStage:
         this returns."""
         deleted = [int(r) for r in deleted]
         with self._commit_lock:
-            added = 0
-            for i, text in enumerate(texts):
-                if text:
-                    self._writer.add_document(tantivy.Document(text=text, row=first_row + i))
-                    added += 1
-            if deleted:
-                self._writer.delete_documents_by_query(tantivy.Query.term_set_query(self._schema, "row", deleted))
-            if added or deleted:
-                self._commit()
+            try:
+                added = 0
+                for i, text in enumerate(texts):
+                    if text:
+                        self._writer.add_document(tantivy.Document(text=text, row=first_row + i))
+                        added += 1
+                if deleted:
+                    self._writer.delete_documents_by_query(
+                        tantivy.Query.term_set_query(self._schema, "row", deleted))
+                if added or deleted:
+                    self._commit()
+            except BaseException:
+                self._writer.rollback()  # nothing half-added stays in the writer's buffer
+                raise
 
     def _commit(self) -> None:
         self._writer.commit()
@@ -131,32 +136,45 @@ class SparseStage:
         if allowed is not None and allowed.rows is not None and allowed.count <= TERM_SET_MAX:
             rows_in = tantivy.Query.term_set_query(self._schema, "row", [int(r) for r in allowed.rows])
             query = tantivy.Query.boolean_query([(tantivy.Occur.Must, query), (tantivy.Occur.Must, rows_in)])
-            return self._top(searcher, query, n, None)
+            rows, scores, _ = self._top(searcher, query, n, None)
+            return rows, scores
         limit = n
         while True:
-            rows, scores = self._top(searcher, query, limit, allowed)
-            if len(rows) >= n or limit >= searcher.num_docs:
-                return rows[:n], scores[:n]
-            limit *= 4  # too many of the best were filtered out (or deleted): look deeper
+            rows, scores, matched = self._top(searcher, query, limit, allowed)
+            if len(rows) >= n or matched < limit or limit >= searcher.num_docs:
+                return rows[:n], scores[:n]  # enough pass, or every match was seen
+            limit = min(limit * 4, max(searcher.num_docs, 1))  # the best were filtered out: look deeper
 
     def _top(self, searcher: tantivy.Searcher, query: tantivy.Query, limit: int,
-             allowed: Allowed | None) -> tuple[np.ndarray, np.ndarray]:
+             allowed: Allowed | None) -> tuple[np.ndarray, np.ndarray, int]:
+        """The best ``limit`` hits' rows and scores, those not allowed dropped; and how many hits
+        there were before dropping (fewer than ``limit``: every match was seen)."""
         hits = searcher.search(query, limit, count=False).hits
         if not hits:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
+            return np.empty(0, np.int64), np.empty(0, np.float32), 0
         rows = np.asarray(searcher.fast_field_values("row", [address for _, address in hits]), dtype=np.int64)
         scores = np.asarray([score for score, _ in hits], dtype=np.float32)
         if allowed is not None:
             keep = allowed.contains(rows)
             rows, scores = rows[keep], scores[keep]
-        return rows, scores
+        return rows, scores, len(hits)
 
     @property
     def documents(self) -> int:
         return int(self._searcher.num_docs)
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+        """Bytes of the index's files (merges delete files meanwhile: those count 0)."""
+        total = 0
+        try:
+            for p in self.directory.iterdir():
+                try:
+                    total += p.stat().st_size if p.is_file() else 0
+                except FileNotFoundError:
+                    pass
+        except FileNotFoundError:  # dropped by a compaction meanwhile
+            return 0
+        return total
 
     def close(self) -> None:
         with self._commit_lock:
