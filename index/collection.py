@@ -471,7 +471,7 @@ class Collection:
         if mode != "dense":
             assert texts is not None  # _mode says so
             return self._search_lexical(queries, texts, k, mode, oversampling=oversampling, filter=filter,
-                                        with_payload=with_payload, fusion=fusion)
+                                        with_payload=with_payload, fusion=fusion, exact=exact)
         query_sets: list[np.ndarray] | None = None
         code_queries: np.ndarray | None = None
         if self._fde is not None:
@@ -557,7 +557,7 @@ class Collection:
 
     def _search_lexical(
         self, queries: Any, texts: list[str], k: int, mode: SearchMode, *, oversampling: float | None,
-        filter: Any, with_payload: bool, fusion: Fusion,
+        filter: Any, with_payload: bool, fusion: Fusion, exact: bool = False,
     ) -> SearchResult:
         """Sparse and hybrid searches (see ``search``), one query at a time (tantivy answers one)."""
         assert self._sparse is not None
@@ -584,7 +584,7 @@ class Collection:
             if mode == "hybrid" and q is not None and self.config.coarse != "sparse":
                 t0 = time.perf_counter()
                 # The dense candidates, as a dense search takes them (exact when few pass).
-                dense_rows = self._dense_candidates(q, n_candidates, allowed)
+                dense_rows = self._dense_candidates(q, n_candidates, allowed, exact=exact)
                 dense_s = time.perf_counter() - t0
             for i, text in enumerate(texts):
                 t0 = time.perf_counter()
@@ -615,11 +615,11 @@ class Collection:
             hits = self._hits(rows_arr.reshape(len(texts), width), scores_arr.reshape(len(texts), width), with_payload)
         return SearchResult(hits, dense_s, rerank_s, candidates, indexed, sparse_s=sparse_s, mode=mode)
 
-    def _dense_candidates(self, q: np.ndarray, n: int, allowed: Allowed | None) -> np.ndarray:
+    def _dense_candidates(self, q: np.ndarray, n: int, allowed: Allowed | None, *, exact: bool) -> np.ndarray:
         """``(q, n')`` rows the dense side of a hybrid search reranks: the coarse stage's, or the
-        exact top ``n`` when there is none yet, or few rows pass."""
+        exact top ``n`` when asked (``exact``), when there is no stage yet, or few rows pass."""
         coarse = self._coarse if self._coarse is not None and self._coarse.ready else None
-        if coarse is None or (allowed is not None and allowed.rows is not None and allowed.count <= n):
+        if exact or coarse is None or (allowed is not None and allowed.rows is not None and allowed.count <= n):
             return self._exact(q, n, allowed)[0]
         return coarse.candidates(q, n, shortlist=math.ceil(n * self.config.shortlist_factor), allowed=allowed)
 

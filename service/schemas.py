@@ -228,7 +228,7 @@ class SearchRequest(_Body):
     )
     k: int = Field(10, ge=1, le=10_000)
     oversampling: float | None = Field(None, gt=0, le=1000, description="null: the collection's")
-    exact: bool = Field(False, description="brute force over every stored vector")
+    exact: bool = Field(False, description="brute force over every stored vector (hybrid: for the dense candidates)")
     filter: Filter | None = None
     with_payload: bool = True
     mode: SearchMode | None = Field(
