@@ -107,12 +107,16 @@ class SparseStage:
         last = self.last_row()
         added = 0
         with self._commit_lock:
-            for row, text in texts:
-                if row > last and text:
-                    self._writer.add_document(tantivy.Document(text=text, row=row))
-                    added += 1
-            if added:
-                self._commit()
+            try:
+                for row, text in texts:
+                    if row > last and text:
+                        self._writer.add_document(tantivy.Document(text=text, row=row))
+                        added += 1
+                if added:
+                    self._commit()
+            except BaseException:
+                self._writer.rollback()  # as in write: nothing half-added is committed later
+                raise
         return added
 
     # -- reads ----------------------------------------------------------------------------------
