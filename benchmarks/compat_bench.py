@@ -18,13 +18,8 @@ Writes benchmarks/results/compat.json and compat.png.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import shutil
-import signal
-import socket
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.corpora import RESULTS, gloss_embeddings, gloss_texts, machine, models_dir, write_result
-from benchmarks.service_bench import BATCH, Conn, b64, call, request_bytes, send_all, start_server
+from benchmarks.service_bench import BATCH, Conn, b64, call, request_bytes, run_against_server, send_all
 
 
 def p50_ms(samples: list[float]) -> float:
@@ -173,17 +168,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="tandem-compat-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start_server(tmp / "data", port)
-    try:
-        result = asyncio.run(run(args, port))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        shutil.rmtree(tmp, ignore_errors=True)
+    result = run_against_server(lambda port: run(args, port))
     result["args"] = vars(args)
     result["loadavg_at_end"] = os.getloadavg()
     print(json.dumps({k: result[k] for k in ("p50_ms", "overhead_ms", "same_top10_qdrant_vs_native")}, indent=1))

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,22 @@ def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("server did not become ready")
+
+
+def run_against_server(measure: Callable[[int], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """``measure(port)`` against a fresh server on a free loopback port with a temporary data
+    directory, stopped (SIGTERM) and removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_server(tmp / "data", port)
+    try:
+        return asyncio.run(measure(port))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def b64(v: np.ndarray) -> str:
@@ -266,17 +283,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N glosses only (a quick smoke run)")
     parser.add_argument("--out", default="service", help="result name: benchmarks/results/<out>.json/.png")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start_server(tmp / "data", port)
-    try:
-        result = asyncio.run(run(args, port))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        shutil.rmtree(tmp, ignore_errors=True)
+    result = run_against_server(lambda port: run(args, port))
     result["args"] = vars(args)
     result["loadavg_at_end"] = os.getloadavg()
     print("wrote", write_result(args.out, result))

@@ -468,10 +468,9 @@ class Collection:
         mode = self._mode(queries, texts, mode)
         if fusion not in ("convex", "rrf"):
             raise InvalidArgument(f"fusion must be convex or rrf, got {fusion!r}")
-        if mode != "dense":
-            assert texts is not None  # _mode says so
-            return self._search_lexical(queries, texts, k, mode, oversampling=oversampling, filter=filter,
-                                        with_payload=with_payload, fusion=fusion, exact=exact)
+        if mode != "dense" and texts is not None and self._sparse is not None:  # (_mode checked both)
+            return self._search_lexical(self._sparse, queries, texts, k, mode, oversampling=oversampling,
+                                        filter=filter, with_payload=with_payload, fusion=fusion, exact=exact)
         query_sets: list[np.ndarray] | None = None
         code_queries: np.ndarray | None = None
         if self._fde is not None:
@@ -535,32 +534,34 @@ class Collection:
         return SearchResult(hits, t1 - t0, t2 - t1, candidates, indexed)
 
     def _mode(self, queries: Any, texts: list[str] | None, mode: SearchMode | None) -> SearchMode:
-        """The search mode asked for, or the default; raises InvalidArgument on what cannot be served."""
+        if texts is not None and not all(isinstance(t, str) for t in texts):
+            raise InvalidArgument("text must be a string, or one string per query")
+        return self.search_mode(mode, vector=queries is not None, text=texts is not None)
+
+    def search_mode(self, mode: SearchMode | None, *, vector: bool, text: bool) -> SearchMode:
+        """The mode a search with (or without) a query ``vector`` and ``text`` runs in: ``mode``,
+        or the default (see ``search``); raises InvalidArgument for what cannot be served."""
         if mode is None:
-            if self._sparse is None or texts is None:
-                mode = "dense"
-            else:
-                mode = "sparse" if queries is None else "hybrid"
+            mode = "dense" if self._sparse is None or not text else "hybrid" if vector else "sparse"
         if mode not in ("dense", "sparse", "hybrid"):
             raise InvalidArgument(f"mode must be dense, sparse or hybrid, got {mode!r}")
-        if mode != "dense":
-            if self._sparse is None:
-                raise InvalidArgument(
-                    f"mode {mode!r} needs a sparse stage, and this collection has none: create it with "
-                    "sparse=True (or coarse='sparse'), or search in dense mode"
-                )
-            if texts is None or not all(isinstance(t, str) for t in texts):
-                raise InvalidArgument(f"mode {mode!r} searches the points' text: give a text query")
-        if mode != "sparse" and queries is None:
+        if mode != "dense" and self._sparse is None:
+            raise InvalidArgument(
+                f"mode {mode!r} needs a sparse stage, and this collection has none: create it with "
+                "sparse=True (or coarse='sparse'), or search in dense mode"
+            )
+        if mode != "dense" and not text:
+            raise InvalidArgument(f"mode {mode!r} searches the points' text: give a text query (send 'text')")
+        if mode != "sparse" and not vector:
             raise InvalidArgument(f"mode {mode!r} needs a query vector")
         return mode
 
     def _search_lexical(
-        self, queries: Any, texts: list[str], k: int, mode: SearchMode, *, oversampling: float | None,
+        self, sparse: SparseStage, queries: Any, texts: list[str], k: int, mode: SearchMode, *,
+        oversampling: float | None,
         filter: Any, with_payload: bool, fusion: Fusion, exact: bool = False,
     ) -> SearchResult:
         """Sparse and hybrid searches (see ``search``), one query at a time (tantivy answers one)."""
-        assert self._sparse is not None
         q = None
         if queries is not None:
             q = check_vectors(queries, dim=self.config.dim, normalize=self._normalize, what="queries")
@@ -588,16 +589,15 @@ class Collection:
                 dense_s = time.perf_counter() - t0
             for i, text in enumerate(texts):
                 t0 = time.perf_counter()
-                lexical, bm25 = self._sparse.candidates(text, k if mode == "sparse" else n_candidates,
+                lexical, bm25 = sparse.candidates(text, k if mode == "sparse" else n_candidates,
                                                         allowed=allowed)
                 t1 = time.perf_counter()
                 sparse_s += t1 - t0
-                if mode == "sparse":
+                if q is None or mode == "sparse":  # (hybrid has a query vector: _mode checked it)
                     rows_out.append(lexical[:k])
                     scores_out.append(bm25[:k])
                     candidates = max(candidates, len(lexical))
                     continue
-                assert q is not None
                 union = lexical if dense_rows is None else np.union1d(lexical, dense_rows[i][dense_rows[i] >= 0])
                 ranked, dense_scores = self._rerank(q[i : i + 1], union[None, :], len(union))
                 keep = ranked[0] >= 0

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from index import SearchResult
 from index import device as faiss_device
-from index.errors import DimensionMismatch
+from index.errors import DimensionMismatch, InvalidArgument
 from service import schemas
 from service.batcher import MicroBatcher, Overloaded
 from service.encoder import TextEncoder
@@ -420,15 +420,9 @@ def _response(result: SearchResult, j: int, t0: float, encode_s: float, n: int) 
 
 
 def search_mode(opened: OpenCollection, req: schemas.SearchRequest, i: int | None) -> str:
-    """The mode a search runs in (as the library decides it), and a 422 for what cannot be served:
-    checked before anything is encoded."""
-    collection = opened.collection
-    where = f"searches[{i}]: " if i is not None else ""
-    sparse = collection.config.has_sparse
-    mode = req.mode or ("dense" if not sparse or req.text is None else "hybrid")
-    if mode != "dense" and not sparse:
-        raise Unprocessable(f"{where}mode {mode!r} needs a sparse stage, and collection {opened.name!r} has none: "
-                            "create one with \"sparse\": true (or \"coarse\": \"sparse\"), or use mode dense")
-    if mode != "dense" and req.text is None:
-        raise Unprocessable(f"{where}mode {mode!r} searches the points' text: send 'text', not a vector")
-    return mode
+    """The mode a search runs in, as the library decides it (a text is encoded, so a query always
+    has a vector but in sparse mode), and a 422 for what cannot be served: before anything is encoded."""
+    try:
+        return opened.collection.search_mode(req.mode, vector=True, text=req.text is not None)
+    except InvalidArgument as exc:
+        raise Unprocessable(f"{'' if i is None else f'searches[{i}]: '}{exc}") from None
