@@ -69,15 +69,11 @@ def scifact_task() -> tuple[list[str], list[str], list[str], list[str], dict[str
     return ds.doc_ids, ds.doc_texts, ds.query_ids, ds.query_texts, ds.qrels
 
 
-def minmax(x: np.ndarray) -> np.ndarray:
-    span = float(x.max() - x.min()) if len(x) else 0.0
-    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
-
-
 def evaluate(name: str, doc_ids: list[str], docs: np.ndarray, texts: list[str], query_ids: list[str],
              queries: np.ndarray, query_texts: list[str], qrels: dict[str, dict[str, int]]) -> dict[str, Any]:
     from index import Collection, CollectionConfig
     from index.coarse.sparse import SparseStage
+    from index.collection import convex, rrf
     from service.evaluate import score_run
 
     out: dict[str, Any] = {"docs": len(doc_ids), "queries": len(query_ids)}
@@ -104,20 +100,12 @@ def evaluate(name: str, doc_ids: list[str], docs: np.ndarray, texts: list[str], 
             runs["sparse (BM25)"].append([doc_ids[i] for i in lexical])
             union = np.union1d(dense_top, lexical)
             by_dense = union[np.argsort(-dense_scores[union], kind="stable")]
-            lexical_rank = {int(r): i + 1 for i, r in enumerate(lexical.tolist())}
-            for k in RRF_KS:
-                fused = [(1 / (k + i + 1) + (1 / (k + lexical_rank[int(r)]) if int(r) in lexical_rank else 0.0), int(r))
-                         for i, r in enumerate(by_dense.tolist())]
-                fused.sort(key=lambda x: (-x[0], x[1]))
-                runs[f"rrf k={k}"].append([doc_ids[r] for _, r in fused[:N]])
-            bm25_of = np.zeros(len(union), dtype=np.float32)
-            position = {int(r): i for i, r in enumerate(union.tolist())}
-            for r, s in zip(lexical.tolist(), bm25.tolist(), strict=True):
-                bm25_of[position[int(r)]] = s
-            d, b = minmax(dense_scores[union]), minmax(bm25_of)
+            for k in RRF_KS:  # the library's fusions, with each constant
+                rows, _ = rrf(by_dense, lexical, N, k_rrf=k)
+                runs[f"rrf k={k}"].append([doc_ids[r] for r in rows.tolist()])
             for a in ALPHAS:
-                order = np.argsort(-(a * d + (1 - a) * b), kind="stable")[:N]
-                runs[f"convex a={a}"].append([doc_ids[int(union[i])] for i in order])
+                rows, _ = convex(by_dense, dense_scores[by_dense], lexical, bm25, N, weight=a)
+                runs[f"convex a={a}"].append([doc_ids[r] for r in rows.tolist()])
             if qi % 500 == 499:
                 print(f"  {name}: {qi + 1} queries", flush=True)
         out["sparse_p50_ms"] = round(float(np.median(sparse_ms)), 3)

@@ -1078,15 +1078,15 @@ DENSE_WEIGHT = 0.5
 
 
 def convex(ranked: np.ndarray, dense_scores: np.ndarray, lexical: np.ndarray, bm25: np.ndarray,
-           k: int) -> tuple[np.ndarray, np.ndarray]:
+           k: int, *, weight: float = DENSE_WEIGHT) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best of the candidate rows ``ranked`` (with their exact ``dense_scores``) by
-    ``DENSE_WEIGHT`` x dense + (1 - it) x BM25, each min-max normalised over the candidates; a
+    ``weight`` x dense + (1 - weight) x BM25, each min-max normalised over the candidates; a
     row BM25 did not return has BM25 score 0. Ties by row."""
     if not len(ranked):
         return np.empty(0, np.int64), np.empty(0, np.float32)
     lexical_score = dict(zip(lexical.tolist(), bm25.tolist(), strict=True))
     b = np.array([lexical_score.get(r, 0.0) for r in ranked.tolist()], dtype=np.float64)
-    fused = DENSE_WEIGHT * _minmax(dense_scores.astype(np.float64)) + (1 - DENSE_WEIGHT) * _minmax(b)
+    fused = weight * _minmax(dense_scores.astype(np.float64)) + (1 - weight) * _minmax(b)
     order = np.lexsort((ranked, -fused))[:k]
     return ranked[order].astype(np.int64), fused[order].astype(np.float32)
 
@@ -1102,12 +1102,12 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 RRF_K = 60
 
 
-def rrf(dense: np.ndarray, lexical: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def rrf(dense: np.ndarray, lexical: np.ndarray, k: int, *, k_rrf: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best rows by reciprocal rank fusion of two rankings (rows, best first), and their
     fused scores. A row missing from a ranking gets nothing from it."""
     fused: dict[int, float] = {}
     for ranking in (dense, lexical):
         for rank, row in enumerate(ranking.tolist(), start=1):
-            fused[row] = fused.get(row, 0.0) + 1.0 / (RRF_K + rank)
+            fused[row] = fused.get(row, 0.0) + 1.0 / (k_rrf + rank)
     best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:k]
     return (np.array([r for r, _ in best], dtype=np.int64), np.array([f for _, f in best], dtype=np.float32))
