@@ -64,6 +64,7 @@ from index.filters import KEY, Filter, Need
 from index.locks import ReadWriteLock
 from index.payload_index import FieldIndex, PayloadIndexes, PayloadType
 from index.rebuild import BackgroundRebuild, Cancelled, release_free_memory
+from index.recall import OVERSAMPLINGS, Applied, Calibration, Choice, Setting, Tally, probe_grid, query_recall
 from index.row_sets import Allowed, bitmap, rows_of
 from index.vector_sets import VectorSetStore
 
@@ -86,6 +87,14 @@ EXACT_COST_RATIO = 256
 #: An exact search over at most this many given rows reads them in one gather; over more, it
 #: scans the whole file in blocks with a mask.
 EXACT_GATHER_ROWS = 65_536
+#: Target-recall calibration: the collection's own points searched as queries, and the k of the
+#: recall it measures (a search's default k). 500 queries bound a recall of 0.99 within about
+#: +-0.004 when the misses spread over the queries (see index.recall).
+CALIBRATION_QUERIES = 500
+CALIBRATION_K = 10
+CALIBRATION_META = "recall_calibration"
+#: Monitor samples added to the calibration between two writes of it to the catalog.
+CALIBRATION_SAVE_EVERY = 64
 #: A background rebuild catches up with rows written meanwhile outside the write lock until at
 #: most this many are left, which it adds under the lock just before the swap.
 SWAP_CATCH_UP_ROWS = 4_096
@@ -112,6 +121,7 @@ class SearchResult(NamedTuple):
     filter_indexed: bool | None = None  # None: no filter; False: a key without a payload index
     sparse_s: float = 0.0  # in the sparse (BM25) stage
     mode: SearchMode = "dense"
+    setting: Applied | None = None  # dense mode: how the search ran (see index.recall)
 
 
 class CollectionStats(NamedTuple):
@@ -178,6 +188,12 @@ class Collection:
         if config.has_sparse:
             self._sparse = SparseStage(self._sparse_path(self._generation))
             self._sparse_write(self._n_rows, [], ())
+        self._calibration = _load_calibration(catalog.get_meta(CALIBRATION_META), path)
+        self._calibration_saved = 0  # monitor samples added since it was last stored
+        self._calibrating = threading.Lock()  # one calibration at a time
+        self._recalibration_lock = threading.Lock()
+        self._recalibration: threading.Thread | None = None
+        self._closing = False
 
     @property
     def _live(self) -> np.ndarray:
@@ -250,6 +266,10 @@ class Collection:
         """Save the coarse stage (unless ``checkpoint=False``: it is about to be deleted) and close.
         A rebuild still running is cancelled (the next open starts it again)."""
         self.rebuilds.stop()
+        self._closing = True  # a calibration running stops at its next step
+        if self._recalibration is not None:
+            self._recalibration.join()
+        self._save_calibration()
         with self._writer, self._lock.write():
             # An untrained stage holds nothing but a row count, which open recounts: not written.
             if checkpoint and self._coarse is not None and self._coarse.ready and self._coarse.rows != self._saved_rows:
@@ -434,6 +454,8 @@ class Collection:
         text: str | Sequence[str] | None = None,
         mode: SearchMode | None = None,
         fusion: Fusion = "convex",
+        nprobe: int | None = None,
+        target_recall: float | None = None,
     ) -> list[list[Hit]]:
         """Per query, the ``k`` best hits, best first. ``queries``: ``(q, dim)`` or ``(dim,)``.
 
@@ -444,10 +466,16 @@ class Collection:
         min-max normalised over the candidates, or ``rrf``, reciprocal rank fusion; scores are
         the fused ones). The default is hybrid when the collection has a sparse stage and both a
         vector and a text are given, sparse when only a text is, else dense.
+
+        How an approximate dense search trades recall for time: ``oversampling`` (rows reranked =
+        k x it) and ``nprobe`` (inverted lists probed, ivf and pq stages), or ``target_recall``:
+        the cheapest setting whose calibrated recall@10 reaches it (see ``calibrate``; an exact
+        search where none does). Without any of them, the collection's ``target_recall`` if it
+        has one, else its fixed defaults.
         """
         return self.search_detailed(
             queries, k, oversampling=oversampling, filter=filter, exact=exact, with_payload=with_payload,
-            text=text, mode=mode, fusion=fusion,
+            text=text, mode=mode, fusion=fusion, nprobe=nprobe, target_recall=target_recall,
         ).hits
 
     def search_detailed(
@@ -462,15 +490,21 @@ class Collection:
         text: str | Sequence[str] | None = None,
         mode: SearchMode | None = None,
         fusion: Fusion = "convex",
+        nprobe: int | None = None,
+        target_recall: float | None = None,
     ) -> SearchResult:
-        """``search`` with the time spent in each stage and the number of rows reranked."""
+        """``search`` with the time spent in each stage, the number of rows reranked, and the
+        setting it ran with."""
         texts = [text] if isinstance(text, str) else None if text is None else list(text)
         mode = self._mode(queries, texts, mode)
         if fusion not in ("convex", "rrf"):
             raise InvalidArgument(f"fusion must be convex or rrf, got {fusion!r}")
+        self._check_nprobe(nprobe)
+        target = self._target(target_recall, oversampling=oversampling, nprobe=nprobe, exact=exact, mode=mode)
         if mode != "dense" and texts is not None and self._sparse is not None:  # (_mode checked both)
             return self._search_lexical(self._sparse, queries, texts, k, mode, oversampling=oversampling,
-                                        filter=filter, with_payload=with_payload, fusion=fusion, exact=exact)
+                                        filter=filter, with_payload=with_payload, fusion=fusion, exact=exact,
+                                        nprobe=nprobe)
         query_sets: list[np.ndarray] | None = None
         code_queries: np.ndarray | None = None
         if self._fde is not None:
@@ -485,6 +519,12 @@ class Collection:
         k = check_k(k)
         factor = check_oversampling(oversampling, self.config.effective_oversampling)
         flt = Filter.parse(filter) if filter is not None else None
+        choice = self._choose(target) if target is not None else None
+        if choice is not None:
+            if choice.setting is None:
+                exact = True  # no calibrated setting is known to reach the target
+            else:
+                factor, nprobe = choice.setting
         n_rerank = max(k, math.ceil(k * factor))
         with self._lock.read():
             t0 = time.perf_counter()
@@ -520,7 +560,7 @@ class Collection:
                     # Hamming codes of the query's document-style FDE: dense, like the stored codes.
                     code_queries = self._fde.encode_documents(query_sets)
                 candidate_rows = coarse.candidates(
-                    q, n_rerank, shortlist=shortlist, allowed=allowed, code_queries=code_queries,
+                    q, n_rerank, shortlist=shortlist, allowed=allowed, code_queries=code_queries, nprobe=nprobe,
                 )
                 t1 = time.perf_counter()
                 rows, scores = (
@@ -529,9 +569,18 @@ class Collection:
                     else _rerank_chamfer(self._sets, query_sets, candidate_rows, k)
                 )
                 candidates = candidate_rows.shape[1]
+            approximate = not (exact or coarse is None or small)
+            probing = coarse.probing if approximate and coarse is not None else None
+            applied = Applied(
+                exact=not approximate,
+                oversampling=factor if approximate else None,
+                nprobe=(probing[0] if nprobe is None else min(nprobe, probing[1])) if probing is not None else None,
+                target_recall=target,
+                expected_recall=None if choice is None else choice.lower if approximate else 1.0,
+            )
             t2 = time.perf_counter()
             hits = self._hits(rows, scores, with_payload)
-        return SearchResult(hits, t1 - t0, t2 - t1, candidates, indexed)
+        return SearchResult(hits, t1 - t0, t2 - t1, candidates, indexed, setting=applied)
 
     def _mode(self, queries: Any, texts: list[str] | None, mode: SearchMode | None) -> SearchMode:
         if texts is not None and not all(isinstance(t, str) for t in texts):
@@ -559,7 +608,7 @@ class Collection:
     def _search_lexical(
         self, sparse: SparseStage, queries: Any, texts: list[str], k: int, mode: SearchMode, *,
         oversampling: float | None,
-        filter: Any, with_payload: bool, fusion: Fusion, exact: bool = False,
+        filter: Any, with_payload: bool, fusion: Fusion, exact: bool = False, nprobe: int | None = None,
     ) -> SearchResult:
         """Sparse and hybrid searches (see ``search``), one query at a time (tantivy answers one)."""
         q = None
@@ -585,7 +634,7 @@ class Collection:
             if mode == "hybrid" and q is not None and self.config.coarse != "sparse":
                 t0 = time.perf_counter()
                 # The dense candidates, as a dense search takes them (exact when few pass).
-                dense_rows = self._dense_candidates(q, n_candidates, allowed, exact=exact)
+                dense_rows = self._dense_candidates(q, n_candidates, allowed, exact=exact, nprobe=nprobe)
                 dense_s = time.perf_counter() - t0
             for i, text in enumerate(texts):
                 t0 = time.perf_counter()
@@ -615,13 +664,184 @@ class Collection:
             hits = self._hits(rows_arr.reshape(len(texts), width), scores_arr.reshape(len(texts), width), with_payload)
         return SearchResult(hits, dense_s, rerank_s, candidates, indexed, sparse_s=sparse_s, mode=mode)
 
-    def _dense_candidates(self, q: np.ndarray, n: int, allowed: Allowed | None, *, exact: bool) -> np.ndarray:
+    def _dense_candidates(
+        self, q: np.ndarray, n: int, allowed: Allowed | None, *, exact: bool, nprobe: int | None = None,
+    ) -> np.ndarray:
         """``(q, n')`` rows the dense side of a hybrid search reranks: the coarse stage's, or the
         exact top ``n`` when asked (``exact``), when there is no stage yet, or few rows pass."""
         coarse = self._coarse if self._coarse is not None and self._coarse.ready else None
         if exact or coarse is None or (allowed is not None and allowed.rows is not None and allowed.count <= n):
             return self._exact(q, n, allowed)[0]
-        return coarse.candidates(q, n, shortlist=math.ceil(n * self.config.shortlist_factor), allowed=allowed)
+        return coarse.candidates(q, n, shortlist=math.ceil(n * self.config.shortlist_factor), allowed=allowed,
+                                 nprobe=nprobe)
+
+    # -- recall: settings, target recall and calibration -----------------------------------------
+    def _check_nprobe(self, nprobe: Any) -> None:
+        if nprobe is None:
+            return
+        if not isinstance(nprobe, int) or isinstance(nprobe, bool) or not 1 <= nprobe <= 65_536:
+            raise InvalidArgument(f"nprobe must be an integer from 1 to 65536, got {nprobe!r}")
+        if self.config.coarse not in ("ivf", "pq"):
+            raise InvalidArgument(
+                f"nprobe sets the inverted lists an ivf or pq stage probes, and this collection's coarse stage "
+                f"is {self.config.coarse!r}: drop it (oversampling sets how many rows are reranked)"
+            )
+
+    def _target(
+        self, target_recall: Any, *, oversampling: float | None, nprobe: int | None, exact: bool, mode: SearchMode,
+    ) -> float | None:
+        """The recall a search aims for: its own, or the collection's default when it sets no knob."""
+        if target_recall is None:
+            knobs = oversampling is not None or nprobe is not None or exact
+            return self.config.target_recall if mode == "dense" and not knobs else None
+        if (not isinstance(target_recall, int | float) or isinstance(target_recall, bool)
+                or not 0 < target_recall <= 1):
+            raise InvalidArgument(f"target_recall must be a number in (0, 1], such as 0.95; got {target_recall!r}")
+        if oversampling is not None or nprobe is not None:
+            raise InvalidArgument("target_recall picks the oversampling and nprobe itself: give target_recall, "
+                                  "or oversampling and nprobe, not both")
+        if exact:
+            raise InvalidArgument("exact: true already finds every neighbour (recall 1): drop target_recall or exact")
+        if mode != "dense":
+            raise InvalidArgument(f"target_recall is the recall of a dense search against an exact one, and this "
+                                  f"search runs in {mode} mode: drop target_recall, or search in dense mode")
+        if self._fde is not None:
+            raise InvalidArgument("target_recall is calibrated for single-vector collections only: set "
+                                  "oversampling for a multi-vector one")
+        return float(target_recall)
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The recall each setting reached (see ``calibrate``); None before the first."""
+        return self._calibration
+
+    def _choose(self, target: float) -> Choice:
+        """The setting a search aiming at ``target`` runs with. Calibrates first when there is
+        no calibration yet (seconds at 1M points, once), and again in the background when the
+        collection outgrew the one it has (which serves meanwhile, its probe depths scaled)."""
+        coarse = self._coarse
+        if coarse is None or not coarse.ready:
+            return Choice(None, 1.0)  # the search is exact anyway
+        calibration = self._calibration
+        if calibration is None:
+            calibration = self.calibrate()
+            if calibration is None:
+                return Choice(None, 1.0)
+        probing = coarse.probing
+        lists = probing[1] if probing is not None else None
+        if calibration.stale(self.count(), lists):
+            self._recalibrate_in_background()
+        return calibration.choose(target, self._cost, lists)
+
+    def _cost(self, setting: Setting) -> float:
+        """A search's cost in exact scores of a row from disk: the rows reranked, and the codes
+        scanned at EXACT_COST_RATIO codes a row (both measured, see there)."""
+        coarse = self._coarse
+        probing = coarse.probing if coarse is not None else None
+        scanned = 0.0
+        if probing is not None and setting.nprobe is not None:
+            scanned = coarse.rows * min(setting.nprobe, probing[1]) / probing[1] if coarse is not None else 0.0
+        return CALIBRATION_K * setting.oversampling + scanned / EXACT_COST_RATIO
+
+    def calibrate(self, *, queries: int = CALIBRATION_QUERIES, k: int = CALIBRATION_K) -> Calibration | None:
+        """Measure the recall@``k`` of every setting of the grid (``index.recall``) on ``queries``
+        of the collection's own points, each searched as a query without itself; store it
+        durably; target-recall searches then choose from it. The monitor's samples are added
+        to it as they come (``record_recall``). None when there is no approximate stage to
+        calibrate (a flat or sparse one, too few points to train one, multi-vector points), or
+        when a compaction renumbered the rows meanwhile (try again)."""
+        if self._fde is not None:
+            return None
+        with self._calibrating:
+            with self._lock.read():
+                coarse = self._coarse
+                if coarse is None or not coarse.ready or self.count() < 2:
+                    return None
+                generation = self._generation
+                live = self._live.copy()
+                own = np.flatnonzero(live)
+                picked = np.sort(np.random.default_rng(len(own)).choice(own, size=min(queries, len(own)),
+                                                                            replace=False))
+                q = self._dense.read(picked)
+                probing = coarse.probing
+            allowed = Allowed.of_mask(live, len(own))
+            lists = probing[1] if probing is not None else None
+            # The exact neighbours of each, itself left out; in blocks, so writes are not held up.
+            truth: list[np.ndarray] = []
+            for start in range(0, len(q), 32):
+                with self._lock.read():
+                    if self._generation != generation or self._closing:
+                        return None
+                    rows, scores = self._exact(q[start : start + 32], k + 1, allowed)
+                for i, own_row in enumerate(picked[start : start + 32]):
+                    truth.append(scores[i][(rows[i] != own_row) & (rows[i] >= 0)][:k])
+            cells: dict[Setting, Tally] = {}
+            widest = math.ceil(k * OVERSAMPLINGS[-1])
+            for nprobe in probe_grid(lists):
+                # An ivf or pq stage ranks its candidates by their codes: the rows a smaller
+                # oversampling reranks are the first ones of the widest, so one search serves all.
+                # Others (binary: a Hamming shortlist sized from the rows wanted) search each.
+                prefix = probing is not None
+                for factor in (OVERSAMPLINGS[-1:] if prefix else OVERSAMPLINGS):
+                    n = max(k, math.ceil(k * factor))
+                    with self._lock.read():
+                        if self._generation != generation or self._closing:
+                            return None
+                        candidates = coarse.candidates(
+                            q, widest if prefix else n, shortlist=math.ceil(n * self.config.shortlist_factor),
+                            allowed=allowed, nprobe=nprobe,
+                        )
+                        scores = self._scores(q, candidates)
+                    scores[candidates == picked[:, None]] = -np.inf  # a query does not find itself
+                    for each in (OVERSAMPLINGS if prefix else (factor,)):
+                        width = max(k, math.ceil(k * each))
+                        tally = cells.setdefault(Setting(float(each), nprobe), Tally())
+                        for i in range(len(q)):
+                            served = np.sort(scores[i, :width])[::-1][:k]
+                            measured = query_recall(served[np.isfinite(served)].tolist(), truth[i].tolist(), k)
+                            if measured is not None:
+                                tally.add(*measured)
+            calibration = Calibration(k, len(own), lists, time.time(), cells)
+            with self._writer:
+                if self._closed:
+                    return None
+                self._set_meta_or_full({CALIBRATION_META: calibration.to_json()}, "storing the recall calibration")
+                self._calibration = calibration
+                self._calibration_saved = 0
+            logger.info("%s: recall calibrated on %d of its points (%d settings)", self.path.name, len(q), len(cells))
+            return calibration
+
+    def record_recall(self, setting: Setting, k: int, recall: float, neighbours: int) -> None:
+        """Add a live monitor sample of an unfiltered search at ``setting`` to the calibration
+        (samples at another k, or at a setting it does not hold, are left out). Stored every
+        CALIBRATION_SAVE_EVERY samples, and on close."""
+        calibration = self._calibration
+        if calibration is None or k != calibration.k or not calibration.record(setting, recall, neighbours):
+            return
+        self._calibration_saved += 1
+        if self._calibration_saved >= CALIBRATION_SAVE_EVERY:
+            self._save_calibration()
+
+    def _save_calibration(self) -> None:
+        with self._writer:
+            if self._calibration is not None and self._calibration_saved and not self._closed:
+                self._set_meta_or_full({CALIBRATION_META: self._calibration.to_json()},
+                                       "storing the recall calibration")
+                self._calibration_saved = 0
+
+    def _recalibrate_in_background(self) -> None:
+        with self._recalibration_lock:
+            if self._recalibration is not None and self._recalibration.is_alive():
+                return
+
+            def work() -> None:
+                try:
+                    self.calibrate()
+                except Exception:  # closed meanwhile, or a full disk: the next search tries again
+                    logger.warning("%s: background recall calibration failed", self.path.name, exc_info=True)
+
+            self._recalibration = threading.Thread(target=work, name=f"calibrate-{self.path.name}", daemon=True)
+            self._recalibration.start()
 
     # -- filters and payload indexes ------------------------------------------------------------
     def _filter_rows(self, flt: Filter) -> tuple[BitMap, bool]:
@@ -772,27 +992,22 @@ class Collection:
         return best_rows, best_scores
 
     def _rerank(self, q: np.ndarray, candidate_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores for the candidates only, read from disk once per block of queries."""
-        rows_out, scores_out = [], []
+        """The ``k`` best candidates by their exact scores, read from disk: ``(q, k')`` rows and scores."""
+        return _top_rows(self._scores(q, candidate_rows), candidate_rows, k)
+
+    def _scores(self, q: np.ndarray, candidate_rows: np.ndarray) -> np.ndarray:
+        """Exact scores of the candidates ``(q, c)``, in their order, -inf for padding (-1); read
+        from disk once per block of queries."""
+        out = np.full(candidate_rows.shape, -np.inf, dtype=np.float32)
         for start in range(0, len(q), 64):  # bounds the (queries, candidates, dim) gather
             block = candidate_rows[start : start + 64]
             unique = np.unique(block[block >= 0])
-            if not len(unique):
-                rows, scores = _top_rows(np.full(block.shape, -np.inf, np.float32), block, k)
-            else:
+            if len(unique):
                 vectors = self._dense.read(unique)
                 position = np.searchsorted(unique, np.maximum(block, 0))
                 scores = np.einsum("qcd,qd->qc", vectors[position], q[start : start + 64])
-                rows, scores = _top_rows(np.where(block >= 0, scores, -np.inf).astype(np.float32), block, k)
-            rows_out.append(rows)
-            scores_out.append(scores)
-        if len(rows_out) == 1:  # the common case (up to 64 queries): nothing to pad
-            return rows_out[0], scores_out[0]
-        width = max(r.shape[1] for r in rows_out)
-        return (
-            np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=-1) for r in rows_out]),
-            np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1])), constant_values=-np.inf) for s in scores_out]),
-        )
+                out[start : start + 64] = np.where(block >= 0, scores, -np.inf)
+        return out
 
     def _allowed_rows(self, allowed: Allowed | None) -> np.ndarray:
         if allowed is not None and allowed.rows is not None:
@@ -997,6 +1212,16 @@ class Collection:
         """Close the collection and delete its directory."""
         self.close(checkpoint=False)
         shutil.rmtree(self.path)
+
+
+def _load_calibration(raw: str | None, path: Path) -> Calibration | None:
+    if raw is None:
+        return None
+    try:
+        return Calibration.of_json(raw)
+    except (ValueError, KeyError, TypeError):
+        logger.warning("%s: unreadable recall calibration, measured again on the next target-recall search", path)
+        return None
 
 
 def _size(path: Path) -> int:

@@ -71,6 +71,12 @@ class CollectionConfig(BaseModel):
         description="pq: share of inverted lists scanned per query",
     )
     multivector: MultiVectorConfig | None = None
+    target_recall: float | None = Field(
+        None, gt=0, le=1,
+        description="the recall@10 that searches aim for by default, instead of a fixed oversampling and "
+        "nprobe: each picks the cheapest setting whose measured recall (calibrated on the collection's own "
+        "points and the live monitor's samples) reaches it; a search's own oversampling or nprobe wins",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -88,6 +94,18 @@ class CollectionConfig(BaseModel):
                 f"bits and nprobe set the 'ivf' coarse stage, but this collection's is {self.coarse!r}: "
                 "drop them, or set coarse to 'ivf'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _target_or_knobs(self) -> CollectionConfig:
+        if self.target_recall is not None and (self.oversampling is not None or self.nprobe is not None):
+            raise ValueError(
+                "target_recall picks the oversampling and nprobe itself: give target_recall, or oversampling "
+                "and nprobe, not both"
+            )
+        if self.target_recall is not None and self.multivector is not None:
+            raise ValueError("target_recall is calibrated for single-vector collections only: set oversampling "
+                             "for a multi-vector one")
         return self
 
     @model_validator(mode="after")

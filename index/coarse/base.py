@@ -51,9 +51,16 @@ class CoarseStage(Protocol):
         shortlist: int,
         allowed: Allowed | None,
         code_queries: np.ndarray | None = None,
+        nprobe: int | None = None,
     ) -> np.ndarray:
         """At least the best ``n`` rows per query among the ``allowed`` ones (None: all),
-        ``(q, n') int64`` padded with -1; more under a filter (``lists.widened``)."""
+        ``(q, n') int64`` padded with -1; more under a filter (``lists.widened``). ``nprobe``:
+        lists to probe instead of the stage's default (stages without lists ignore it)."""
+        ...
+
+    @property
+    def probing(self) -> tuple[int, int] | None:
+        """``(default lists probed, lists)`` of a stage that probes inverted lists, else None."""
         ...
 
     def ram_bytes(self) -> int: ...

@@ -120,6 +120,7 @@ class BinaryCoarse:
         shortlist: int,
         allowed: Allowed | None,
         code_queries: np.ndarray | None = None,
+        nprobe: int | None = None,
     ) -> np.ndarray:
         """Best ``n`` rows per query (more under a filter, ``lists.widened``), ``(q, n) int64``
         padded with -1.
@@ -180,6 +181,10 @@ class BinaryCoarse:
 
     def scanned_rows(self, share: float = 1.0) -> int:
         return self.rows  # every code, every query
+
+    @property
+    def probing(self) -> tuple[int, int] | None:
+        return None  # every code is scanned
 
     def ram_bytes(self) -> int:
         extra = self.mean.nbytes + (self.rotation.nbytes if self.rotation is not None else 0)

@@ -82,6 +82,10 @@ class IVFCoarse:
         """Lists scanned per query."""
         return min(self.nlist, self.nprobe_setting or self.NPROBE)
 
+    @property
+    def probing(self) -> tuple[int, int] | None:
+        return (self.nprobe, self.nlist) if self.index is not None else None
+
     @classmethod
     def lists_for(cls, rows: int) -> int:
         return max(1, min(rows // 39, round(cls.LISTS_PER_SQRT * math.sqrt(rows))))
@@ -136,6 +140,7 @@ class IVFCoarse:
         shortlist: int,
         allowed: Allowed | None,
         code_queries: np.ndarray | None = None,
+        nprobe: int | None = None,
     ) -> np.ndarray:
         """Best ``n`` rows per query by the codes' asymmetric inner product, ``(q, n) int64``.
 
@@ -145,7 +150,8 @@ class IVFCoarse:
             # Built on the first filtered search (a pass over the lists' ids, ~10 ms at 1M rows),
             # then kept in step with adds: collections never filtered do not pay its 2 B a row.
             self.lists = ListMembership(self.index)
-        return search_ivf(self.index, queries, n, nprobe=self.nprobe, allowed=allowed, lists=self.lists)
+        probes = self.nprobe if nprobe is None else min(self.nlist, nprobe)
+        return search_ivf(self.index, queries, n, nprobe=probes, allowed=allowed, lists=self.lists)
 
     def scanned_rows(self, share: float = 1.0) -> int:
         if self.index is None:

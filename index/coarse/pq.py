@@ -93,11 +93,17 @@ class PQCoarse:
         shortlist: int,
         allowed: Allowed | None,
         code_queries: np.ndarray | None = None,
+        nprobe: int | None = None,
     ) -> np.ndarray:
-        if self._gpu_index is not None and allowed is None and n <= device.GPU_MAX_K:
+        if self._gpu_index is not None and allowed is None and n <= device.GPU_MAX_K and nprobe is None:
             # faiss's GPU IVF takes no IDSelector: filtered searches stay on the CPU.
             return self._gpu_index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
-        return search_ivf(self.index, queries, n, nprobe=self.index.nprobe, allowed=allowed)
+        probes = int(self.index.nprobe) if nprobe is None else min(int(self.index.nlist), nprobe)
+        return search_ivf(self.index, queries, n, nprobe=probes, allowed=allowed)
+
+    @property
+    def probing(self) -> tuple[int, int] | None:
+        return (int(self.index.nprobe), int(self.index.nlist)) if self.index is not None else None
 
     def scanned_rows(self, share: float = 1.0) -> int:
         if self.index is None:
