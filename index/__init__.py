@@ -4,8 +4,11 @@ from index import errors
 from index.collection import Collection, CollectionStats, Hit, Point, SearchResult
 from index.config import CollectionConfig, MultiVectorConfig
 from index.filters import Filter
+from index.recall import Applied, Calibration, RecallMonitor
 
 __all__ = [
+    "Applied",
+    "Calibration",
     "Collection",
     "CollectionConfig",
     "CollectionStats",
@@ -13,6 +16,7 @@ __all__ = [
     "Hit",
     "MultiVectorConfig",
     "Point",
+    "RecallMonitor",
     "SearchResult",
     "errors",
 ]

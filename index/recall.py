@@ -257,11 +257,9 @@ class RecallMonitor:
     ``on_sample(name, recall)`` is called for each sample (metrics). Filtered searches are
     repeated with the same filter; exact searches are not sampled (their recall is 1)."""
 
-    QUEUE = 64
-
     def __init__(
         self, rate: float, *, per_minute: int = 60, cpu_share: float = 0.05, window: int = 200,
-        on_sample: Callable[[str, float], None] | None = None, seed: int | None = None,
+        on_sample: Callable[[str, float], None] | None = None, seed: int | None = None, queue_size: int = 64,
     ) -> None:
         if not 0 <= rate <= 1:
             raise ValueError(f"the recall sample rate is a share of searches in [0, 1], got {rate}")
@@ -273,7 +271,7 @@ class RecallMonitor:
         self.window = window
         self._on_sample = on_sample
         self._random = random.Random(seed)
-        self._queue: queue.Queue[Sample | None] = queue.Queue(self.QUEUE)
+        self._queue: queue.Queue[Sample | None] = queue.Queue(queue_size)
         self._lock = threading.Lock()
         self._samples: dict[str, collections.deque[tuple[float, int]]] = {}
         self._totals: collections.Counter[str] = collections.Counter()
