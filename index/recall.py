@@ -226,7 +226,10 @@ class Calibration:
 class Searchable(Protocol):
     """What the monitor needs of a collection (``index.Collection``)."""
 
-    def search_detailed(self, queries: Any, k: int = 10, **kwargs: Any) -> Any: ...
+    def search_detailed(
+        self, queries: Any, k: int = 10, *, filter: Any = None, exact: bool = False, with_payload: bool = True,
+        mode: Any = None,
+    ) -> Any: ...
 
     def record_recall(self, setting: Setting, k: int, recall: float, neighbours: int) -> None: ...
 
@@ -254,12 +257,14 @@ class RecallMonitor:
     searches, in one background thread at the lowest CPU priority, sleeping so that it uses at
     most ``cpu_share`` of one core. Keeps the last ``window`` recall samples per collection.
 
-    ``on_sample(name, recall)`` is called for each sample (metrics). Filtered searches are
+    ``on_sample(name, recall)`` is called for each sample, ``on_drop(name)`` for each sampled
+    search over the cap or the queue (metrics). Filtered searches are
     repeated with the same filter; exact searches are not sampled (their recall is 1)."""
 
     def __init__(
         self, rate: float, *, per_minute: int = 60, cpu_share: float = 0.05, window: int = 200,
-        on_sample: Callable[[str, float], None] | None = None, seed: int | None = None, queue_size: int = 64,
+        on_sample: Callable[[str, float], None] | None = None, on_drop: Callable[[str], None] | None = None,
+        seed: int | None = None, queue_size: int = 64,
     ) -> None:
         if not 0 <= rate <= 1:
             raise ValueError(f"the recall sample rate is a share of searches in [0, 1], got {rate}")
@@ -270,6 +275,7 @@ class RecallMonitor:
         self.cpu_share = cpu_share
         self.window = window
         self._on_sample = on_sample
+        self._on_drop = on_drop
         self._random = random.Random(seed)
         self._queue: queue.Queue[Sample | None] = queue.Queue(queue_size)
         self._lock = threading.Lock()
@@ -295,17 +301,17 @@ class RecallMonitor:
         for i, scores in enumerate(served):
             if self._random.random() >= self.rate:
                 continue
-            if not self._admit():
-                with self._lock:
-                    self._dropped[name] += 1
-                continue
             query = queries[i : i + 1]  # (1, dim), or a list of one query set
             try:
+                if not self._admit():
+                    raise queue.Full
                 self._queue.put_nowait(Sample(name, collection, query, k, filter, list(scores), setting))
                 queued += 1
             except queue.Full:
                 with self._lock:
                     self._dropped[name] += 1
+                if self._on_drop is not None:
+                    self._on_drop(name)
         return queued
 
     def _admit(self) -> bool:

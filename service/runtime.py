@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from starlette.concurrency import run_in_threadpool
 
-from index import SearchResult
+from index import RecallMonitor, SearchResult
 from index import device as faiss_device
 from index.errors import DimensionMismatch, InvalidArgument
 from service import schemas
@@ -64,6 +64,11 @@ class Runtime:
         self._bulk_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-encode")
         self._searches_waiting = 0
         self._background: set[asyncio.Task[Any]] = set()
+        self.recall = RecallMonitor(
+            settings.recall_sample_rate, per_minute=settings.recall_samples_per_minute,
+            cpu_share=settings.recall_cpu_share, on_sample=self._recall_sampled,
+            on_drop=lambda name: metrics.recall_dropped.labels(name).inc(),
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -74,7 +79,9 @@ class Runtime:
             faiss_device.use(coarse_device)
             names = await run_in_threadpool(self.registry.open_all)
             for name in names:
-                self.metrics.set_points(name, self.registry.get(name).collection.count())
+                collection = self.registry.get(name).collection
+                self.metrics.set_points(name, collection.count())
+                self.metrics.set_recall_target(name, collection.config.target_recall)
             self.jobs = await run_in_threadpool(JobStore.open, self.settings.data_dir / "jobs.sqlite")
             self.ingestor = Ingestor(self)
             if self.settings.model_dir is not None:
@@ -123,6 +130,7 @@ class Runtime:
             await self.batcher.close()
         self._search_pool.shutdown(wait=True)
         self._bulk_pool.shutdown(wait=True)
+        await run_in_threadpool(self.recall.close)
         await run_in_threadpool(self.registry.close_all)
         if self.jobs is not None:
             self.jobs.close()
@@ -216,11 +224,21 @@ class Runtime:
                 lambda: opened.guarded(
                     opened.collection.search_detailed, queries, req.k, oversampling=req.oversampling,
                     filter=req.filter, exact=req.exact, with_payload=req.with_payload, text=texts,
-                    mode=req.mode, fusion=req.fusion,
+                    mode=req.mode, fusion=req.fusion, nprobe=req.nprobe, target_recall=req.target_recall,
                 ),
             )
         finally:
             self._searches_waiting -= 1
+
+    def _sample_recall(self, opened: OpenCollection, queries: Any, req: schemas.SearchRequest,
+                       result: SearchResult) -> None:
+        """Offer an approximate dense search to the recall monitor (which samples a share of them)."""
+        if result.setting is not None and not result.setting.exact and queries is not None:
+            served = [[hit.score for hit in hits] for hits in result.hits]
+            self.recall.offer(opened.name, opened.collection, queries, req.k, req.filter, served, result.setting)
+
+    def _recall_sampled(self, name: str, recall: float) -> None:
+        self.metrics.observe_recall(name, recall, self.recall.estimate(name).estimate)
 
     async def search(self, opened: OpenCollection, req: schemas.SearchRequest) -> schemas.SearchResponse:
         t0 = time.perf_counter()
@@ -237,6 +255,7 @@ class Runtime:
             queries = _vector(req.vector, opened, "vector")[None, :]
         result = await self._search(opened, queries, req, None if req.text is None else [req.text])
         self.metrics.observe_stages(encode_s, result.coarse_s, result.rerank_s, result.candidates)
+        self._sample_recall(opened, queries, req, result)
         return _response(result, 0, t0, encode_s or 0.0, 1)
 
     async def search_batch(
@@ -272,13 +291,15 @@ class Runtime:
         for i, r in enumerate(reqs):
             # (searches with and without a text apart: a text makes the default mode hybrid)
             key = json.dumps([r.k, r.oversampling, r.exact, r.filter, r.with_payload, modes[i], r.fusion,
-                              r.text is None], sort_keys=True)
+                              r.text is None, r.nprobe, r.target_recall], sort_keys=True)
             groups.setdefault(key, []).append(i)
         out: list[schemas.SearchResponse | None] = [None] * len(reqs)
         for rows in groups.values():
             texts = [reqs[i].text for i in rows]
-            result = await self._search(opened, None if modes[rows[0]] == "sparse" else queries[rows], reqs[rows[0]],
+            group = None if modes[rows[0]] == "sparse" else queries[rows]
+            result = await self._search(opened, group, reqs[rows[0]],
                                         None if None in texts else [t or "" for t in texts])
+            self._sample_recall(opened, group, reqs[rows[0]], result)
             n = len(rows)
             for j, i in enumerate(rows):
                 self.metrics.observe_stages(
@@ -409,9 +430,14 @@ def _vector(values: schemas.Vector | None, opened: OpenCollection, where: str) -
 
 def _response(result: SearchResult, j: int, t0: float, encode_s: float, n: int) -> schemas.SearchResponse:
     """The answer to query ``j`` of ``result`` (one of ``n`` that shared the library call)."""
+    setting = result.setting
     return schemas.SearchResponse(
         filter_indexed=result.filter_indexed,
         mode=result.mode,
+        setting=None if setting is None else schemas.SearchSetting(
+            exact=setting.exact, oversampling=setting.oversampling, nprobe=setting.nprobe,
+            target_recall=setting.target_recall, expected_recall=setting.expected_recall,
+        ),
         hits=[schemas.Hit(id=h.id, score=h.score, payload=h.payload) for h in result.hits[j]],
         took_ms=(time.perf_counter() - t0) * 1000,
         stages_ms=schemas.StagesMs(encode=encode_s * 1000, coarse=result.coarse_s * 1000 / n,

@@ -111,6 +111,12 @@ class CollectionCreate(_Body):
     multivector: MultiVectorConfig | None = Field(
         None, description="MUVERA parameters: points then carry `vectors` (a set of vectors)"
     )
+    target_recall: float | None = Field(
+        None, gt=0, le=1,
+        description="the recall@10 searches aim for when they set no oversampling or nprobe: each runs with the "
+        "cheapest setting whose calibrated recall reaches it (see the search's `target_recall`); not with "
+        "`oversampling` or `nprobe`, nor for multi-vector collections",
+    )
 
     def index_config(self, dim: int) -> CollectionConfig:
         """The library's config; a combination it refuses (e.g. `bits` with `coarse: binary`) is a 422."""
@@ -124,8 +130,25 @@ class CollectionCreate(_Body):
             dim=dim, metric=self.metric, coarse=self.coarse, bits=self.bits, nprobe=self.nprobe, dtype=self.dtype,
             oversampling=self.oversampling, binary_transform=self.binary_transform,
             shortlist_factor=self.shortlist_factor, probe_fraction=self.probe_fraction,
-            multivector=self.multivector, sparse=self.sparse,
+            multivector=self.multivector, sparse=self.sparse, target_recall=self.target_recall,
         )
+
+
+class RecallInfo(BaseModel):
+    estimate: float | None = Field(
+        ..., description="mean recall@k of the monitor's last samples (served answer against an exact search); "
+        "null before the first"
+    )
+    interval: tuple[float, float] = Field(..., description="its 95% interval")
+    samples: int = Field(..., description="samples the estimate is over (the most recent, up to the window)")
+    samples_total: int = Field(..., description="samples measured since the server started")
+    dropped: int = Field(..., description="sampled searches skipped: over the per-minute cap, or a full queue")
+    target: float | None = Field(..., description="the collection's target_recall")
+    calibrated_points: int | None = Field(
+        ..., description="points when the calibration was measured; null: not calibrated yet (it is on the "
+        "first target-recall search)"
+    )
+    calibrated_at: float | None = Field(..., description="Unix time of that calibration")
 
 
 class CollectionInfo(BaseModel):
@@ -137,6 +160,10 @@ class CollectionInfo(BaseModel):
     disk_bytes: int = Field(..., description="bytes of the collection's files")
     created_at: float = Field(..., description="Unix time")
     payload_indexes: list[PayloadIndexInfo] = Field(default_factory=list, description="indexed payload keys")
+    recall: RecallInfo | None = Field(
+        None, description="the recall that served searches reached, as the live monitor measured it, and the "
+        "calibration that target_recall searches choose from",
+    )
 
 
 class CollectionCreated(BaseModel):
@@ -227,7 +254,19 @@ class SearchRequest(_Body):
         None, description="(m, dim) query vector set: multi-vector collections only (scored by MaxSim)"
     )
     k: int = Field(10, ge=1, le=10_000)
-    oversampling: float | None = Field(None, gt=0, le=1000, description="null: the collection's")
+    oversampling: float | None = Field(
+        None, gt=0, le=1000, description="rows reranked from disk = k x oversampling; null: the collection's"
+    )
+    nprobe: int | None = Field(
+        None, ge=1, le=65536, description="ivf and pq collections: inverted lists probed; null: the collection's"
+    )
+    target_recall: float | None = Field(
+        None, gt=0, le=1,
+        description="dense mode: the recall@10 to reach, instead of oversampling and nprobe: the search runs with "
+        "the cheapest setting whose measured recall (calibrated on the collection's own points and the live "
+        "monitor's samples, lower 95% bound) reaches it, or exactly where none does; the response's `setting` "
+        "says which. null: the collection's target_recall, if it has one and no knob is set",
+    )
     exact: bool = Field(False, description="brute force over every stored vector (hybrid: for the dense candidates)")
     filter: Filter | None = None
     with_payload: bool = True
@@ -249,6 +288,15 @@ class SearchRequest(_Body):
             raise ValueError(f"give exactly one of 'text', 'vector' or 'vectors' (got {given or 'none'})")
         return self
 
+    @model_validator(mode="after")
+    def _target_or_knobs(self) -> SearchRequest:
+        if self.target_recall is not None and (self.oversampling is not None or self.nprobe is not None):
+            raise ValueError("target_recall picks the oversampling and nprobe itself: give target_recall, or "
+                             "oversampling and nprobe, not both")
+        if self.target_recall is not None and self.exact:
+            raise ValueError("exact: true already finds every neighbour (recall 1): drop target_recall or exact")
+        return self
+
 
 class Hit(BaseModel):
     id: PointId
@@ -263,11 +311,24 @@ class StagesMs(BaseModel):
     rerank: float = Field(..., description="exact scores of the candidates, read from disk")
 
 
+class SearchSetting(BaseModel):
+    """How a dense search ran."""
+
+    exact: bool = Field(..., description="every stored vector (or every one passing the filter) was scored")
+    oversampling: float | None = Field(None, description="rows reranked = k x this; null when exact")
+    nprobe: int | None = Field(None, description="inverted lists probed; null when exact or for a stage without lists")
+    target_recall: float | None = Field(None, description="the recall aimed for, when one was")
+    expected_recall: float | None = Field(
+        None, description="for a target: the calibrated recall@10 of the setting chosen (lower 95% bound)"
+    )
+
+
 class SearchResponse(BaseModel):
     hits: list[Hit]
     took_ms: float
     stages_ms: StagesMs
     mode: SearchMode = Field("dense", description="the mode the search ran in")
+    setting: SearchSetting | None = Field(None, description="dense mode: the setting the search ran with")
     filter_indexed: bool | None = Field(
         None, description="null without a filter; false when a filter key has no payload index (slower)"
     )

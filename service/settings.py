@@ -90,6 +90,19 @@ class Settings(BaseSettings):
     encode_batch_size: int = Field(
         32, ge=1, le=4096, description="most queries encoded together in one micro-batch"
     )
+    # -- recall monitor -----------------------------------------------------------------------
+    recall_sample_rate: float = Field(
+        0.01, ge=0, le=1,
+        description="share of approximate searches repeated exactly in the background to measure their "
+        "recall (GET /collections/{name} 'recall', tandem_search_recall); 0: off",
+    )
+    recall_samples_per_minute: int = Field(
+        60, ge=1, le=1_000_000, description="most recall samples taken a minute, over all collections",
+    )
+    recall_cpu_share: float = Field(
+        0.05, gt=0, le=1,
+        description="share of one core the recall monitor may use (it sleeps in between), at the lowest priority",
+    )
     # -- operations ---------------------------------------------------------------------------
     shutdown_timeout_s: int = Field(
         30, ge=0, le=3600, description="on SIGTERM, how long in-flight requests may take to finish"

@@ -10,6 +10,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def collection(path: Path, base: np.ndarray, **config: object) -> Collection:
     return col
 
 
-def measured(col: Collection, queries: np.ndarray, truth: np.ndarray, **search: object) -> tuple[float, list[object]]:
+def measured(col: Collection, queries: np.ndarray, truth: np.ndarray, **search: Any) -> tuple[float, list[Any]]:
     found, settings = [], []
     for q in queries:
         result = col.search_detailed(q, 10, with_payload=False, **search)  # type: ignore[arg-type]
@@ -241,8 +242,8 @@ def test_a_calibration_is_measured_against_exact_search(tmp_path: Path, data: tu
         for setting in (Setting(2.0, 4), Setting(4.0, 8), Setting(16.0, calibration.lists)):
             direct = []
             for i, row in enumerate(own):
-                hits = col.search(base[row], 11, oversampling=(setting.oversampling * 10 - 1e-9) / 11, nprobe=setting.nprobe,
-                                  with_payload=False)[0]
+                wide = (setting.oversampling * 10 - 1e-9) / 11
+                hits = col.search(base[row], 11, oversampling=wide, nprobe=setting.nprobe, with_payload=False)[0]
                 found = [h.id for h in hits if h.id != row][:10]
                 direct.append(len(set(found) & set(truth[i].tolist())) / 10)
             cell = calibration.cells[setting]
