@@ -177,17 +177,37 @@ def test_prometheus_config() -> None:
     check([promtool, "check", "config", str(REPO_ROOT / "docker" / "prometheus" / "prometheus.yml")])
 
 
-def test_grafana_dashboard_uses_exported_metrics() -> None:
-    dashboard = json.loads((REPO_ROOT / "docker" / "grafana" / "dashboards" / "tandem.json").read_text())
-    datasource = yaml.safe_load(
-        (REPO_ROOT / "docker" / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text()
-    )["datasources"][0]
+def test_recall_alert_rule() -> None:
+    """The rule is valid, fires for a collection below its target for 15 minutes, and not for one
+    on target, one with too few samples, or one without a target (alerts.test.yml)."""
+    promtool = tool("promtool", "the Debian package prometheus (./dev test installs it)")
+    rules = REPO_ROOT / "docker" / "prometheus"
+    check([promtool, "check", "rules", str(rules / "alerts.yml")])
+    out = check([promtool, "test", "rules", str(rules / "alerts.test.yml")])
+    assert "SUCCESS" in out
+    exported = {s.name for m in observed_metrics().registry.collect() for s in m.samples}
+    expr = yaml.safe_load((rules / "alerts.yml").read_text())["groups"][0]["rules"][0]["expr"]
+    used = set(re.findall(r"\b(tandem_[a-z_]+)\b", expr))
+    assert used and used <= exported, sorted(used - exported)
+
+
+def observed_metrics() -> Metrics:
     metrics = Metrics()  # labelled series exist once observed
     metrics.requests.labels("GET", "/livez", "200").inc()
     metrics.request_duration.labels("GET", "/livez", "200").observe(0.001)
     metrics.observe_stages(0.001, 0.001, 0.001, 100)
     metrics.set_points("docs", 1)
-    exported = {s.name for m in metrics.registry.collect() for s in m.samples}
+    metrics.observe_recall("docs", 0.9, 0.9)
+    metrics.set_recall_target("docs", 0.95)
+    return metrics
+
+
+def test_grafana_dashboard_uses_exported_metrics() -> None:
+    dashboard = json.loads((REPO_ROOT / "docker" / "grafana" / "dashboards" / "tandem.json").read_text())
+    datasource = yaml.safe_load(
+        (REPO_ROOT / "docker" / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text()
+    )["datasources"][0]
+    exported = {s.name for m in observed_metrics().registry.collect() for s in m.samples}
     exprs = []
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == datasource["uid"]
@@ -195,7 +215,8 @@ def test_grafana_dashboard_uses_exported_metrics() -> None:
     used = {name for e in exprs for name in re.findall(r"\b((?:tandem|process)_[a-z_]+)\b", e)}
     assert used and used <= exported, f"not exported by service/metrics.py: {sorted(used - exported)}"
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("requests per second", "error rate", "per stage", "candidates", "points per collection", "queue"):
+    for topic in ("requests per second", "error rate", "per stage", "candidates", "points per collection", "queue",
+                  "recall"):
         assert topic in titles, topic
 
 
@@ -281,6 +302,8 @@ def test_prometheus_operator_component(k8s: Path, tmp_path: Path) -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    rules = yaml.safe_load((REPO_ROOT / "docker" / "prometheus" / "alerts.yml").read_text())
+    assert kinds["PrometheusRule/tandem"]["spec"] == rules  # the same rules as compose's Prometheus
 
 
 def test_rendering_without_an_api_key_fails(tmp_path: Path) -> None:
