@@ -131,9 +131,9 @@ async def call(port: int, method: str, path: str, body: Any = None, raw: bytes |
 
 
 # -- the run ------------------------------------------------------------------------------------------
-def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def start_server(data_dir: Path, port: int, *flags: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--data-dir", str(data_dir), "--models-dir", str(models_dir())]  # defaults: access log on
+           "--data-dir", str(data_dir), "--models-dir", str(models_dir()), *flags]  # defaults: access log on
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(data_dir.parent / "server.log", "wb"))  # noqa: SIM115
     import urllib.request
 

@@ -731,17 +731,7 @@ class Collection:
         lists = probing[1] if probing is not None else None
         if calibration.stale(self.count(), lists):
             self._recalibrate_in_background()
-        return calibration.choose(target, self._cost, lists)
-
-    def _cost(self, setting: Setting) -> float:
-        """A search's cost in exact scores of a row from disk: the rows reranked, and the codes
-        scanned at EXACT_COST_RATIO codes a row (both measured, see there)."""
-        coarse = self._coarse
-        probing = coarse.probing if coarse is not None else None
-        scanned = 0.0
-        if probing is not None and setting.nprobe is not None:
-            scanned = coarse.rows * min(setting.nprobe, probing[1]) / probing[1] if coarse is not None else 0.0
-        return CALIBRATION_K * setting.oversampling + scanned / EXACT_COST_RATIO
+        return calibration.choose(target, lists)
 
     def calibrate(self, *, queries: int = CALIBRATION_QUERIES, k: int = CALIBRATION_K) -> Calibration | None:
         """Measure the recall@``k`` of every setting of the grid (``index.recall``) on ``queries``
@@ -776,7 +766,13 @@ class Collection:
                 for i, own_row in enumerate(picked[start : start + 32]):
                     truth.append(scores[i][(rows[i] != own_row) & (rows[i] >= 0)][:k])
             cells: dict[Setting, Tally] = {}
+            # What each setting costs a query, timed here: its candidate search (per probe depth;
+            # never less than a shallower one's, so noise cannot make probing more look cheaper),
+            # plus the rows it reranks at the measured cost of scoring a row read from disk.
+            search_s: dict[Setting, float] = {}
+            row_s: list[float] = []
             widest = math.ceil(k * OVERSAMPLINGS[-1])
+            floor = 0.0
             for nprobe in probe_grid(lists):
                 # An ivf or pq stage ranks its candidates by their codes: the rows a smaller
                 # oversampling reranks are the first ones of the widest, so one search serves all.
@@ -787,21 +783,29 @@ class Collection:
                     with self._lock.read():
                         if self._generation != generation or self._closing:
                             return None
+                        t0 = time.perf_counter()
                         candidates = coarse.candidates(
                             q, widest if prefix else n, shortlist=math.ceil(n * self.config.shortlist_factor),
                             allowed=allowed, nprobe=nprobe,
                         )
+                        t1 = time.perf_counter()
                         scores = self._scores(q, candidates)
+                        row_s.append((time.perf_counter() - t1) / max(int((candidates >= 0).sum()), 1))
+                    floor = max(floor, (t1 - t0) / len(q))
                     scores[candidates == picked[:, None]] = -np.inf  # a query does not find itself
                     for each in (OVERSAMPLINGS if prefix else (factor,)):
+                        setting = Setting(float(each), nprobe)
+                        search_s[setting] = floor
                         width = max(k, math.ceil(k * each))
-                        tally = cells.setdefault(Setting(float(each), nprobe), Tally())
+                        tally = cells.setdefault(setting, Tally())
                         for i in range(len(q)):
                             served = np.sort(scores[i, :width])[::-1][:k]
                             measured = query_recall(served[np.isfinite(served)].tolist(), truth[i].tolist(), k)
                             if measured is not None:
                                 tally.add(*measured)
-            calibration = Calibration(k, len(own), lists, time.time(), cells)
+            per_row = float(np.median(row_s))
+            costs = {s: t + max(k, math.ceil(k * s.oversampling)) * per_row for s, t in search_s.items()}
+            calibration = Calibration(k, len(own), lists, time.time(), cells, costs)
             with self._writer:
                 if self._closed:
                     return None

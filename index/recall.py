@@ -5,8 +5,9 @@
   there are and how they spread.
 - ``Calibration``: the recall@k each setting of a collection's coarse stage (oversampling, lists
   probed) reached on held-out queries (the collection's own points, each searched without
-  itself) and on the live monitor's samples. ``choose`` picks the cheapest setting whose lower
-  bound meets a target; none does: an exact search.
+  itself) and on the live monitor's samples, and what each cost (timed while measuring).
+  ``choose`` picks the cheapest setting whose lower bound meets a target; none does: an exact
+  search.
 - ``RecallMonitor``: repeats a sampled share of served searches exactly, in a low-priority
   thread, within a CPU budget, and keeps a windowed estimate per collection.
 
@@ -167,17 +168,19 @@ class Calibration:
     lists: int | None  # the stage's inverted lists then (None: a stage without lists)
     measured_at: float
     cells: dict[Setting, Tally] = field(default_factory=dict)
+    costs: dict[Setting, float] = field(default_factory=dict)  # measured seconds a query
     monitored: int = 0  # monitor samples added since
 
-    def choose(self, target: float, cost: Callable[[Setting], float], lists: int | None) -> Choice:
-        """The cheapest setting whose recall's lower bound (one-sided 95%) reaches ``target``,
-        with its probe depth scaled to the stage's ``lists`` now (the same share of the rows);
-        none: exact search."""
+    def choose(self, target: float, lists: int | None) -> Choice:
+        """The cheapest setting (by its measured cost) whose recall's lower bound (one-sided
+        95%) reaches ``target``, with its probe depth scaled to the stage's ``lists`` now (the
+        same share of the rows); none: exact search."""
         best: tuple[float, Setting, float] | None = None
         for setting, tally in self.cells.items():
             lower = tally.bounds(Z_CHOOSE)[0]
-            if lower >= target and (best is None or cost(setting) < best[0]):
-                best = (cost(setting), setting, lower)
+            cost = self.costs.get(setting, math.inf)
+            if lower >= target and (best is None or cost < best[0]):
+                best = (cost, setting, lower)
         if best is None:
             return Choice(None, 1.0)
         setting = best[1]
@@ -202,13 +205,15 @@ class Calibration:
         return json.dumps({
             "k": self.k, "rows": self.rows, "lists": self.lists, "measured_at": self.measured_at,
             "monitored": self.monitored, "cells": {s.key(): t.to_list() for s, t in self.cells.items()},
+            "costs": {s.key(): c for s, c in self.costs.items()},
         })
 
     @classmethod
     def of_json(cls, raw: str) -> Calibration:
         d = json.loads(raw)
         return cls(int(d["k"]), int(d["rows"]), d["lists"], float(d["measured_at"]),
-                   {Setting.of_key(key): Tally.of_list(v) for key, v in d["cells"].items()}, int(d["monitored"]))
+                   {Setting.of_key(key): Tally.of_list(v) for key, v in d["cells"].items()},
+                   {Setting.of_key(key): float(v) for key, v in d["costs"].items()}, int(d["monitored"]))
 
     def table(self) -> list[dict[str, Any]]:
         """Each setting's measured recall: for reports."""
@@ -216,7 +221,8 @@ class Calibration:
         for s, t in sorted(self.cells.items(), key=lambda c: (c[0].nprobe or 0, c[0].oversampling)):
             lo, hi = t.bounds(Z_REPORT)
             out.append({"oversampling": s.oversampling, "nprobe": s.nprobe, "recall": t.mean,
-                        "interval": [lo, hi], "lower_95": t.bounds(Z_CHOOSE)[0], "samples": t.n})
+                        "interval": [lo, hi], "lower_95": t.bounds(Z_CHOOSE)[0], "samples": t.n,
+                        "cost_ms": self.costs.get(s, math.nan) * 1000})
         return out
 
 
