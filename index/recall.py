@@ -263,6 +263,9 @@ class RecallMonitor:
     searches, in one background thread at the lowest CPU priority, sleeping so that it uses at
     most ``cpu_share`` of one core. Keeps the last ``window`` recall samples per collection.
 
+    The budget counts the monitor thread's own CPU time: numpy's BLAS must run on the calling
+    thread (one BLAS thread, as the service sets it), or its helper threads' time goes uncounted.
+
     ``on_sample(name, recall)`` is called for each sample, ``on_drop(name)`` for each sampled
     search over the cap or the queue (metrics). Filtered searches are
     repeated with the same filter; exact searches are not sampled (their recall is 1)."""

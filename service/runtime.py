@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from starlette.concurrency import run_in_threadpool
+from threadpoolctl import threadpool_limits
 
 from index import RecallMonitor, SearchResult
 from index import device as faiss_device
@@ -74,6 +75,12 @@ class Runtime:
     async def start(self) -> None:
         try:
             t0 = time.perf_counter()
+            # numpy's BLAS (exact scans, the recall monitor's repeats) on one thread per call, as
+            # faiss: concurrency comes from concurrent requests. A single exact scan of 117k
+            # glosses took 10 ms on two BLAS threads and 17 on one, but the two threads spun
+            # both cores for it (and the recall monitor, which budgets its own thread's CPU
+            # time, moved the served p99 by +37% until this; benchmarks/recall_bench.py).
+            threadpool_limits(limits=1, user_api="blas")
             # Before the collections open: their coarse stages are built on the chosen device.
             coarse_device = faiss_device.select(self.settings.device)
             faiss_device.use(coarse_device)
