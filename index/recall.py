@@ -170,11 +170,18 @@ class Calibration:
     cells: dict[Setting, Tally] = field(default_factory=dict)
     costs: dict[Setting, float] = field(default_factory=dict)  # measured seconds a query
     monitored: int = 0  # monitor samples added since
+    _chosen: dict[tuple[float, int | None], Choice] = field(default_factory=dict, repr=False, compare=False)
 
     def choose(self, target: float, lists: int | None) -> Choice:
         """The cheapest setting (by its measured cost) whose recall's lower bound (one-sided
         95%) reaches ``target``, with its probe depth scaled to the stage's ``lists`` now (the
-        same share of the rows); none: exact search."""
+        same share of the rows); none: exact search. Remembered until a sample is added."""
+        chosen = self._chosen.get((target, lists))
+        if chosen is None:
+            chosen = self._chosen[(target, lists)] = self._choose(target, lists)
+        return chosen
+
+    def _choose(self, target: float, lists: int | None) -> Choice:
         best: tuple[float, Setting, float] | None = None
         for setting, tally in self.cells.items():
             lower = tally.bounds(Z_CHOOSE)[0]
@@ -195,6 +202,7 @@ class Calibration:
             return False
         tally.add(recall, neighbours)
         self.monitored += 1
+        self._chosen = {}
         return True
 
     def stale(self, rows: int, lists: int | None) -> bool:

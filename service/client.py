@@ -133,7 +133,8 @@ class Client(_Base):
 
     def search(self, name: str, *, text: str | None = None, vector: Any = None, k: int = 10, filter: Any = None,
                **options: Any) -> list[dict[str, Any]]:
-        """Hits ``{"id", "score", "payload"}``, best first. ``options``: oversampling, exact, with_payload."""
+        """Hits ``{"id", "score", "payload"}``, best first. ``options``: any field of a search request
+        (oversampling, nprobe, target_recall, exact, with_payload, mode, fusion)."""
         body = _search_body(text, vector, k, filter, **options)
         return self.request("POST", f"/collections/{name}/search", json=body)["hits"]  # type: ignore[no-any-return]
 

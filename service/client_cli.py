@@ -51,6 +51,7 @@ def add_parsers(sub: Any) -> None:
     se.add_argument("--vector", help="a JSON list of numbers")
     se.add_argument("--k", type=int, default=10)
     se.add_argument("--filter", help="a JSON filter")
+    se.add_argument("--target-recall", type=float, help="the recall@10 to reach (the server picks the setting)")
     common(se)
     co = sub.add_parser("collections", help="list the collections, or describe one")
     co.add_argument("name", nargs="?")
@@ -168,7 +169,8 @@ def ingest(client: Client, args: argparse.Namespace) -> int:
 def search(client: Client, args: argparse.Namespace) -> int:
     vector = json.loads(args.vector) if args.vector else None
     flt = json.loads(args.filter) if args.filter else None
-    hits = client.search(args.collection, text=args.text, vector=vector, k=args.k, filter=flt)
+    options = {} if args.target_recall is None else {"target_recall": args.target_recall}
+    hits = client.search(args.collection, text=args.text, vector=vector, k=args.k, filter=flt, **options)
     print(f"{'#':>3}  {'score':>8}  {'id':<24}  payload")
     for rank, hit in enumerate(hits, 1):
         payload = json.dumps(hit.get("payload"), ensure_ascii=False)

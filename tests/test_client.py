@@ -127,6 +127,11 @@ def test_cli_ingest_csv_and_parquet_then_search_and_list(server: Server, tmp_pat
     table = found.stdout.splitlines()
     assert table[0].split()[:3] == ["#", "score", "id"] and len(table) == 3
     assert {table[1].split()[2], table[2].split()[2]} == {"d0", "d3"} and '"year": 2020' in found.stdout
+    aimed = tandem_cli(server, "search", "--collection", "cli_texts", "--text", "a cat", "--k", "2",
+                       "--target-recall", "0.9")
+    assert aimed.returncode == 0 and len(aimed.stdout.splitlines()) == 3, aimed.stderr
+    refused = tandem_cli(server, "search", "--collection", "cli_texts", "--text", "a cat", "--target-recall", "2")
+    assert refused.returncode == 2 and "target_recall" in refused.stderr
     listed = tandem_cli(server, "collections")
     assert listed.returncode == 0 and any(line.startswith("cli_texts ") for line in listed.stdout.splitlines())
     described = json.loads(tandem_cli(server, "collections", "cli_texts").stdout)
