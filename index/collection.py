@@ -93,6 +93,8 @@ EXACT_GATHER_ROWS = 65_536
 CALIBRATION_QUERIES = 500
 CALIBRATION_K = 10
 CALIBRATION_META = "recall_calibration"
+#: Calibration queries searched under one hold of the read lock.
+CALIBRATION_BLOCK = 50
 #: Monitor samples added to the calibration between two writes of it to the catalog.
 CALIBRATION_SAVE_EVERY = 64
 #: A background rebuild catches up with rows written meanwhile outside the write lock until at
@@ -266,9 +268,11 @@ class Collection:
         """Save the coarse stage (unless ``checkpoint=False``: it is about to be deleted) and close.
         A rebuild still running is cancelled (the next open starts it again)."""
         self.rebuilds.stop()
-        self._closing = True  # a calibration running stops at its next step
-        if self._recalibration is not None:
-            self._recalibration.join()
+        with self._recalibration_lock:
+            self._closing = True  # a calibration running stops at its next step; none starts
+            running = self._recalibration
+        if running is not None:
+            running.join()
         self._save_calibration()
         with self._writer, self._lock.write():
             # An untrained stage holds nothing but a row count, which open recounts: not written.
@@ -724,7 +728,7 @@ class Collection:
             return Choice(None, 1.0)  # the search is exact anyway
         calibration = self._calibration
         if calibration is None:
-            calibration = self.calibrate()
+            calibration = self.calibrate(only_if_missing=True)  # concurrent first searches: one measures
             if calibration is None:
                 return Choice(None, 1.0)
         probing = coarse.probing
@@ -733,16 +737,23 @@ class Collection:
             self._recalibrate_in_background()
         return calibration.choose(target, lists)
 
-    def calibrate(self, *, queries: int = CALIBRATION_QUERIES, k: int = CALIBRATION_K) -> Calibration | None:
+    def calibrate(
+        self, *, queries: int = CALIBRATION_QUERIES, k: int = CALIBRATION_K, only_if_missing: bool = False,
+    ) -> Calibration | None:
         """Measure the recall@``k`` of every setting of the grid (``index.recall``) on ``queries``
         of the collection's own points, each searched as a query without itself; store it
         durably; target-recall searches then choose from it. The monitor's samples are added
         to it as they come (``record_recall``). None when there is no approximate stage to
         calibrate (a flat or sparse one, too few points to train one, multi-vector points), or
-        when a compaction renumbered the rows meanwhile (try again)."""
+        when a compaction renumbered the rows meanwhile (try again). ``only_if_missing``: return
+        the calibration another thread stored meanwhile, if any, instead of measuring again.
+
+        Each step holds the read lock for a block of queries only, so writes are not held up."""
         if self._fde is not None:
             return None
         with self._calibrating:
+            if only_if_missing and self._calibration is not None:
+                return self._calibration
             with self._lock.read():
                 coarse = self._coarse
                 if coarse is None or not coarse.ready or self.count() < 2:
@@ -780,19 +791,28 @@ class Collection:
                 prefix = probing is not None
                 for factor in (OVERSAMPLINGS[-1:] if prefix else OVERSAMPLINGS):
                     n = max(k, math.ceil(k * factor))
-                    with self._lock.read():
-                        if self._generation != generation or self._closing:
-                            return None
-                        t0 = time.perf_counter()
-                        candidates = coarse.candidates(
-                            q, widest if prefix else n, shortlist=math.ceil(n * self.config.shortlist_factor),
-                            allowed=allowed, nprobe=nprobe,
-                        )
-                        t1 = time.perf_counter()
-                        scores = self._scores(q, candidates)
-                        row_s.append((time.perf_counter() - t1) / max(int((candidates >= 0).sum()), 1))
-                    floor = max(floor, (t1 - t0) / len(q))
-                    scores[candidates == picked[:, None]] = -np.inf  # a query does not find itself
+                    wanted = widest if prefix else n
+                    blocks: list[np.ndarray] = []
+                    search_t = 0.0
+                    for start in range(0, len(q), CALIBRATION_BLOCK):
+                        block = q[start : start + CALIBRATION_BLOCK]
+                        with self._lock.read():
+                            if self._generation != generation or self._closing:
+                                return None
+                            t0 = time.perf_counter()
+                            # One more than wanted: the query's own row, when found, is left out.
+                            candidates = coarse.candidates(
+                                block, wanted + 1, shortlist=math.ceil((n + 1) * self.config.shortlist_factor),
+                                allowed=allowed, nprobe=nprobe,
+                            )
+                            t1 = time.perf_counter()
+                            scores = self._scores(block, candidates)
+                            row_s.append((time.perf_counter() - t1) / max(int((candidates >= 0).sum()), 1))
+                        search_t += t1 - t0
+                        blocks.append(_without_self(candidates, scores, picked[start : start + CALIBRATION_BLOCK],
+                                                    wanted))
+                    floor = max(floor, search_t / len(q))
+                    scores = np.concatenate(blocks)
                     for each in (OVERSAMPLINGS if prefix else (factor,)):
                         setting = Setting(float(each), nprobe)
                         search_s[setting] = floor
@@ -809,9 +829,13 @@ class Collection:
             with self._writer:
                 if self._closed:
                     return None
-                self._set_meta_or_full({CALIBRATION_META: calibration.to_json()}, "storing the recall calibration")
+                try:
+                    self._catalog.set_meta({CALIBRATION_META: calibration.to_json()})
+                    self._calibration_saved = 0
+                except Exception:  # a full disk: serve from it anyway, store it with the next samples
+                    logger.warning("%s: could not store the recall calibration", self.path.name, exc_info=True)
+                    self._calibration_saved = 1
                 self._calibration = calibration
-                self._calibration_saved = 0
             logger.info("%s: recall calibrated on %d of its points (%d settings)", self.path.name, len(q), len(cells))
             return calibration
 
@@ -835,7 +859,7 @@ class Collection:
 
     def _recalibrate_in_background(self) -> None:
         with self._recalibration_lock:
-            if self._recalibration is not None and self._recalibration.is_alive():
+            if self._closing or (self._recalibration is not None and self._recalibration.is_alive()):
                 return
 
             def work() -> None:
@@ -1216,6 +1240,16 @@ class Collection:
         """Close the collection and delete its directory."""
         self.close(checkpoint=False)
         shutil.rmtree(self.path)
+
+
+def _without_self(candidates: np.ndarray, scores: np.ndarray, own: np.ndarray, width: int) -> np.ndarray:
+    """The exact scores of each query's first ``width`` candidates other than its own row (a
+    query drawn from the collection finds itself; a real query has no such row), -inf padded."""
+    out = np.full((len(candidates), width), -np.inf, dtype=np.float32)
+    for i, row in enumerate(own.tolist()):
+        kept = scores[i][candidates[i] != row][:width]
+        out[i, : len(kept)] = kept
+    return out
 
 
 def _load_calibration(raw: str | None, path: Path) -> Calibration | None:

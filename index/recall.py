@@ -25,7 +25,6 @@ import collections
 import json
 import logging
 import math
-import os
 import queue
 import random
 import threading
@@ -178,7 +177,10 @@ class Calibration:
         same share of the rows); none: exact search. Remembered until a sample is added."""
         chosen = self._chosen.get((target, lists))
         if chosen is None:
-            chosen = self._chosen[(target, lists)] = self._choose(target, lists)
+            chosen = self._choose(target, lists)
+            if len(self._chosen) >= 64:  # targets are the clients' floats: keep a few
+                self._chosen = {}
+            self._chosen[(target, lists)] = chosen
         return chosen
 
     def _choose(self, target: float, lists: int | None) -> Choice:
@@ -268,8 +270,12 @@ class Estimate(NamedTuple):
 
 class RecallMonitor:
     """Repeats a ``rate`` share of served searches (at most ``per_minute`` a minute) as exact
-    searches, in one background thread at the lowest CPU priority, sleeping so that it uses at
-    most ``cpu_share`` of one core. Keeps the last ``window`` recall samples per collection.
+    searches, in one background thread that sleeps so that it uses at most ``cpu_share`` of one
+    core. Keeps the last ``window`` recall samples per collection.
+
+    Low priority is the budget, not the thread's nice value: a repeat holds the collection's read
+    lock (and the GIL at times) while it scans, and a niced thread preempted there would hold up
+    a writer and every search queued behind it (measured: no latency gain from nice 19 either).
 
     The budget counts the monitor thread's own CPU time: numpy's BLAS must run on the calling
     thread (one BLAS thread, as the service sets it), or its helper threads' time goes uncounted.
@@ -301,6 +307,7 @@ class RecallMonitor:
         self._dropped: collections.Counter[str] = collections.Counter()
         self._taken: collections.deque[float] = collections.deque()  # monotonic times, the last minute
         self._busy_until = 0.0
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if rate > 0:
             self._thread = threading.Thread(target=self._run, name="recall-monitor", daemon=True)
@@ -374,24 +381,29 @@ class RecallMonitor:
         return False
 
     def close(self) -> None:
+        """Stop: the sample being measured is finished, those still queued are let go."""
         if self._thread is not None:
+            self._stop.set()
+            while True:
+                try:
+                    self._queue.get_nowait()
+                    self._queue.task_done()
+                except queue.Empty:
+                    break
             self._queue.put(None)
             self._thread.join(timeout=30)
             self._thread = None
 
     def _run(self) -> None:
-        try:  # Linux: a thread is a task, and its nice value is its own
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
         while True:
             sample = self._queue.get()
             try:
-                if sample is None:
+                if sample is None or self._stop.is_set():
                     return
                 # Within the CPU budget: a sample that took c seconds of CPU is followed by
                 # c * (1 / share - 1) seconds of sleep before the next one starts.
-                time.sleep(max(0.0, self._busy_until - time.monotonic()))
+                if self._stop.wait(max(0.0, self._busy_until - time.monotonic())):
+                    return
                 started = time.thread_time()
                 self._measure(sample)
                 spent = time.thread_time() - started

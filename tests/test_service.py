@@ -166,7 +166,8 @@ def test_vector_search_matches_brute_force(client: httpx.Client, vec_collection:
         r = client.post("/collections/vecs/search", json={"vector": q.tolist(), "k": 10})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"hits", "took_ms", "stages_ms", "filter_indexed", "mode"} and body["mode"] == "dense"
+        assert set(body) == {"hits", "took_ms", "stages_ms", "filter_indexed", "mode", "setting"}
+        assert body["mode"] == "dense" and body["setting"]["target_recall"] is None
         assert body["filter_indexed"] is None
         assert set(body["stages_ms"]) == {"encode", "coarse", "sparse", "rerank"} and body["stages_ms"]["encode"] == 0
         assert body["stages_ms"]["sparse"] == 0

@@ -166,8 +166,9 @@ def test_calibration_survives_a_restart(tmp_path: Path, models_dir: Path, base: 
                 points = [{"id": i, "vector": base[i].tolist()} for i in range(start, start + 1000)]
                 c.put("/collections/c/points", json={"points": points})
             wait_trained(c, "c")
+            sampled = recall_of(c, "c")["samples_total"]
             first = c.post("/collections/c/search", json={"vector": base[0].tolist(), "target_recall": 0.95}).json()
-            calibrated = recall_of(c, "c")
+            calibrated = settle(c, "c", sampled + 1)  # the monitor measured it: a sample for the calibration
             assert calibrated["calibrated_points"] == 9_000
         srv.stop_cleanly()
         srv.start()
@@ -177,6 +178,7 @@ def test_calibration_survives_a_restart(tmp_path: Path, models_dir: Path, base: 
             # The same setting; its bound moved by the monitor's sample of the first search,
             # which was stored on shutdown with the calibration.
             assert again["setting"] | {"expected_recall": 0} == first["setting"] | {"expected_recall": 0}
+            assert again["setting"]["expected_recall"] != first["setting"]["expected_recall"]
             assert again["setting"]["expected_recall"] == pytest.approx(first["setting"]["expected_recall"], abs=0.01)
             assert recall_of(c, "c")["calibrated_at"] == calibrated["calibrated_at"]  # not measured again
     finally:

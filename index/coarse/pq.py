@@ -95,7 +95,8 @@ class PQCoarse:
         code_queries: np.ndarray | None = None,
         nprobe: int | None = None,
     ) -> np.ndarray:
-        if self._gpu_index is not None and allowed is None and n <= device.GPU_MAX_K and nprobe is None:
+        default = nprobe is None or nprobe == int(self.index.nprobe)  # the GPU copy probes the default
+        if self._gpu_index is not None and allowed is None and n <= device.GPU_MAX_K and default:
             # faiss's GPU IVF takes no IDSelector: filtered searches stay on the CPU.
             return self._gpu_index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
         probes = int(self.index.nprobe) if nprobe is None else min(int(self.index.nlist), nprobe)
