@@ -592,22 +592,9 @@ class Collection:
         return self.search_mode(mode, vector=queries is not None, text=texts is not None)
 
     def search_mode(self, mode: SearchMode | None, *, vector: bool, text: bool) -> SearchMode:
-        """The mode a search with (or without) a query ``vector`` and ``text`` runs in: ``mode``,
-        or the default (see ``search``); raises InvalidArgument for what cannot be served."""
-        if mode is None:
-            mode = "dense" if self._sparse is None or not text else "hybrid" if vector else "sparse"
-        if mode not in ("dense", "sparse", "hybrid"):
-            raise InvalidArgument(f"mode must be dense, sparse or hybrid, got {mode!r}")
-        if mode != "dense" and self._sparse is None:
-            raise InvalidArgument(
-                f"mode {mode!r} needs a sparse stage, and this collection has none: create it with "
-                "sparse=True (or coarse='sparse'), or search in dense mode"
-            )
-        if mode != "dense" and not text:
-            raise InvalidArgument(f"mode {mode!r} searches the points' text: give a text query (send 'text')")
-        if mode != "sparse" and not vector:
-            raise InvalidArgument(f"mode {mode!r} needs a query vector")
-        return mode
+        """The mode a search with (or without) a query ``vector`` and ``text`` runs in (see
+        ``CollectionConfig.search_mode``)."""
+        return self.config.search_mode(mode, vector=vector, text=text)
 
     def _search_lexical(
         self, sparse: SparseStage, queries: Any, texts: list[str], k: int, mode: SearchMode, *,

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from index.errors import InvalidArgument
+
 Metric = Literal["cosine", "dot"]
 CoarseKind = Literal["ivf", "binary", "pq", "flat", "sparse"]
 SearchMode = Literal["dense", "sparse", "hybrid"]
@@ -114,6 +116,25 @@ class CollectionConfig(BaseModel):
             raise ValueError("the sparse stage indexes one text per point: it is not available for multi-vector "
                              "collections; drop 'sparse' or 'multivector'")
         return self
+
+    def search_mode(self, mode: SearchMode | None, *, vector: bool, text: bool) -> SearchMode:
+        """The mode a search with (or without) a query ``vector`` and ``text`` runs in: ``mode``,
+        or the default (hybrid with a sparse stage and both, sparse with only a text, else
+        dense); raises InvalidArgument for what cannot be served."""
+        if mode is None:
+            mode = "dense" if not self.has_sparse or not text else "hybrid" if vector else "sparse"
+        if mode not in ("dense", "sparse", "hybrid"):
+            raise InvalidArgument(f"mode must be dense, sparse or hybrid, got {mode!r}")
+        if mode != "dense" and not self.has_sparse:
+            raise InvalidArgument(
+                f"mode {mode!r} needs a sparse stage, and this collection has none: create it with "
+                "sparse=True (or coarse='sparse'), or search in dense mode"
+            )
+        if mode != "dense" and not text:
+            raise InvalidArgument(f"mode {mode!r} searches the points' text: give a text query (send 'text')")
+        if mode != "sparse" and not vector:
+            raise InvalidArgument(f"mode {mode!r} needs a query vector")
+        return mode
 
     @property
     def has_sparse(self) -> bool:

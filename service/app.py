@@ -49,9 +49,11 @@ ERROR_RESPONSES = errors.documented(ErrorBody, {
 })
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, registry: Any = None) -> FastAPI:
+    """The HTTP app. ``registry``: where collections live (default: ``settings.data_dir`` on
+    this node; cluster mode passes ``service.cluster.sharded.ClusterRegistry``)."""
     metrics = Metrics()
-    runtime = Runtime(settings, metrics)
+    runtime = Runtime(settings, metrics, registry=registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

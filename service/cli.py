@@ -28,9 +28,10 @@ from service.settings import Settings
 logger = logging.getLogger("service.cli")
 
 
-def _serve_parser(sub: Any) -> None:
+def _serve_parser(sub: Any, command: str = "serve") -> Any:
     p = sub.add_parser(
-        "serve", help="start the HTTP service",
+        command, help="start the HTTP service" if command == "serve" else
+        "serve the same API sharded and replicated on Ray (needs the 'cluster' extra)",
         description="Start the HTTP service. Every flag is also an environment variable (shown in "
         "brackets); a flag wins over the variable.",
     )
@@ -43,6 +44,7 @@ def _serve_parser(sub: Any) -> None:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+    return p
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
@@ -77,10 +79,34 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def cluster(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        from service.cluster import serve as cluster_serve
+        from service.cluster.sharding import ShardMap
+    except ImportError:
+        logger.error("cluster mode needs Ray: pip install 'tandem[cluster]'")
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        shard_map = ShardMap(args.shards, args.replicas)
+    except ValueError as exc:
+        print(f"tandem cluster: {exc}", file=sys.stderr)
+        return 2
+    cluster_serve.run(settings, shard_map, address=args.address, timeout_s=args.shard_timeout_s,
+                      router_replicas=args.router_replicas)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tandem", description="tandem vector retrieval service")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    cl = _serve_parser(sub, "cluster")
+    cl.add_argument("--shards", type=int, default=1, help="physical shards (points go by a hash of their id)")
+    cl.add_argument("--replicas", type=int, default=1, help="copies of each shard, written together")
+    cl.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
+    cl.add_argument("--shard-timeout-s", type=float, default=5.0, help="a copy slower than this is retried elsewhere")
+    cl.add_argument("--router-replicas", type=int, default=1, help="replicas of the router (FastAPI ingress)")
     exp = sub.add_parser("export-model", help="export all-MiniLM-L6-v2 to ONNX (needs the 'export' extra)")
     exp.add_argument("--models-dir", type=Path, default=Path("models"), help="where the model folder goes")
     exp.add_argument("--name", default="minilm", help="name of the model folder")
@@ -98,15 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("ingest", "search", "collections"):
         return client_cli.run(args)
 
-    if args.command == "serve":
+    if args.command in ("serve", "cluster"):
         try:
             settings = build_settings(args)
         except ValidationError as exc:
             # Not str(exc): it echoes the input values, and one of them may be the API key.
             for e in exc.errors(include_input=False, include_url=False):
                 where = ".".join(str(x) for x in e["loc"]) or "settings"
-                print(f"tandem serve: {where}: {e['msg']}", file=sys.stderr)
+                print(f"tandem {args.command}: {where}: {e['msg']}", file=sys.stderr)
             return 2
+        if args.command == "cluster":
+            return cluster(settings, args)
         return serve(settings)
     configure_logging("info")
     if args.command == "export-model":

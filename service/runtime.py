@@ -45,10 +45,10 @@ ENCODER_PROVIDERS: dict[str, list[str] | None] = {
 
 
 class Runtime:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, *, registry: Any = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.registry = CollectionRegistry(settings.data_dir)
+        self.registry: CollectionRegistry = registry if registry is not None else CollectionRegistry(settings.data_dir)
         self.encoders: dict[str, TextEncoder] = {}
         self.started_at = time.time()
         self.batcher: MicroBatcher[str, np.ndarray] | None = None

@@ -1,0 +1,145 @@
+"""The Ray Serve application of cluster mode.
+
+- ``ShardCopy``: one deployment per (shard, copy), one replica each, holding today's collection
+  engine (``CollectionRegistry`` over ``index.Collection``) in its own data directory. Pinned to
+  a node by a custom resource when the cluster has one named ``tandem-shard<s>-copy<c>`` (one
+  per node, set with ``ray start --resources``); else placed by Ray.
+- ``Router``: the FastAPI ingress, the single node's app (``service.app.create_app``) over a
+  ``ClusterRegistry``: every route, error and auth rule is the single node's. Stateless,
+  autoscaled between 1 and ``--router-replicas``. It encodes texts itself (onnxruntime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, cast
+
+import ray
+from ray import serve
+
+from index import CollectionConfig
+from service.cluster.sharded import ClusterRegistry, Copies
+from service.cluster.sharding import ShardMap
+from service.registry import CollectionRegistry
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "tandem"
+#: Collection methods a router may call on a copy (reads and writes of ``index.Collection``).
+CALLS = frozenset({
+    "search_detailed", "get", "count_detailed", "scroll", "facet", "payload_indexes", "stats",
+    "upsert", "delete", "create_payload_index", "drop_payload_index",
+})
+
+
+class ShardCopyImpl:
+    """What runs in a shard copy's replica."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.registry = CollectionRegistry(Path(data_dir))
+        self.registry.open_all()
+
+    async def call(self, name: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return await asyncio.to_thread(self._call, name, method, args, kwargs)
+
+    def _call(self, name: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if method == "collections":
+            return [self._meta(n) for n in self.registry.names()]
+        if method == "create":
+            collection_name, config_json, encoder, created_at = args
+            opened, _ = self.registry.create(collection_name, CollectionConfig.model_validate_json(config_json),
+                                             encoder)
+            meta = self._meta(collection_name)
+            return meta | {"created_at": created_at if opened else meta["created_at"]}
+        if method == "drop":
+            self.registry.drop(args[0])
+            return True
+        if method not in CALLS:
+            raise ValueError(f"not a collection call: {method!r}")
+        opened = self.registry.get(name)
+        return opened.guarded(getattr(opened.collection, method), *args, **kwargs)
+
+    def _meta(self, name: str) -> dict[str, Any]:
+        opened = self.registry.get(name)
+        return {"name": name, "config": opened.collection.config.model_dump_json(), "encoder": opened.encoder,
+                "created_at": opened.created_at}
+
+    def __del__(self) -> None:
+        self.registry.close_all()
+
+
+def call_copies(shard_map: ShardMap, pool: ThreadPoolExecutor, timeout_s: float) -> Any:
+    """The ``Call`` of ``Copies``: a copy's method through its deployment handle, in a thread."""
+    handles = {(s, c): serve.get_deployment_handle(shard_map.copy_name(s, c), app_name=APP_NAME)
+               for s in range(shard_map.shards) for c in range(shard_map.replicas)}
+
+    def call(shard: int, copy: int, name: str, method: str, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Future[Any]:
+        def run() -> Any:
+            response = handles[(shard, copy)].call.remote(name, method, args, kwargs)
+            try:
+                return response.result(timeout_s=timeout_s)
+            except ray.exceptions.RayTaskError as exc:  # the copy raised: raise what it raised
+                cause = exc.cause if hasattr(exc, "cause") else None
+                if isinstance(cause, Exception):
+                    raise cause from None
+                raise
+
+        return pool.submit(run)
+
+    return call
+
+
+def build(settings: Settings, shard_map: ShardMap, *, timeout_s: float, router_replicas: int) -> Any:
+    """The application: the shard copies and the router, bound."""
+    copy_deployment = serve.deployment(name="ShardCopy", max_ongoing_requests=64)(ShardCopyImpl)
+    nodes = ray.nodes()  # type: ignore[no-untyped-call]
+    resources = {r for node in nodes if node.get("Alive") for r in node.get("Resources", {})}
+    copies = []
+    for s in range(shard_map.shards):
+        for c in range(shard_map.replicas):
+            name = shard_map.copy_name(s, c)
+            pin = f"tandem-{name}"
+            options: dict[str, Any] = {"num_cpus": 0}
+            if pin in resources:
+                options["resources"] = {pin: 0.001}
+            copies.append(copy_deployment.options(name=name, ray_actor_options=options).bind(
+                str(settings.data_dir / name)))
+
+    def app_builder() -> Any:
+        from service.app import create_app
+
+        pool = ThreadPoolExecutor(max_workers=4 * shard_map.shards * shard_map.replicas,
+                                  thread_name_prefix="shard-call")
+        registry = ClusterRegistry(Copies(shard_map, call_copies(shard_map, pool, timeout_s), timeout_s=timeout_s))
+        return create_app(settings, registry=registry)
+
+    @serve.deployment(name="Router", num_replicas=router_replicas, ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=settings.max_in_flight)
+    @serve.ingress(app_builder)
+    class Router:
+        def __init__(self, *shard_copies: Any) -> None:
+            self.shard_copies = shard_copies  # bound so that they deploy with the app
+
+    return cast(Any, Router).bind(*copies)
+
+
+def run(settings: Settings, shard_map: ShardMap, *, address: str | None, timeout_s: float,
+        router_replicas: int) -> None:
+    """Start (or join) Ray, deploy, and serve until interrupted."""
+    ray.init(address=address, namespace="tandem", log_to_driver=True)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build(settings, shard_map, timeout_s=timeout_s, router_replicas=router_replicas),
+              name=APP_NAME, route_prefix="/")
+    logger.info("cluster mode: %d shards x %d copies on http://%s:%d", shard_map.shards, shard_map.replicas,
+                settings.host, settings.port)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()  # type: ignore[no-untyped-call]

@@ -1,0 +1,355 @@
+"""A collection spread over S shards x R copies, behind the interface the service uses.
+
+Reads go to one copy of each shard they need, in parallel: a copy that fails or does not
+answer within ``timeout_s`` is marked down and the read is retried on the shard's next copy,
+so a read waits at most R x timeout_s and never hangs. Searches ask every shard for its top k
+and merge them by score: exact searches answer what a single node over the same points
+answers (ids and scores), since every score is computed alone, on the copy that holds it.
+
+Writes are validated whole on the router first (nothing is sent for a bad batch), then each
+shard's points go to every copy of that shard not marked down, in parallel. A write returns
+once every such copy made it durable (each copy commits before it answers). A copy that fails
+during it is marked down and left out of reads; the write succeeds when at least one copy of
+each shard made it durable (``Copies.write``). A copy marked down is tried again after
+``retry_down_s``. Catching a returning copy up is the caller's (``ClusterRegistry``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from index import CollectionConfig, CollectionStats, Hit, Point, SearchResult
+from index.batch import PointBatch, PointId, VectorSetBatch, check_id, check_ids, check_texts
+from index.config import SearchMode
+from index.errors import CollectionNotFound, TandemError
+from service.cluster.sharding import ShardMap
+from service.errors import CollectionUnavailable, ConfigConflict
+from service.registry import OpenCollection, check_name
+
+logger = logging.getLogger(__name__)
+
+#: ``call(copy, name, method, args, kwargs) -> Future``: a method of a collection on one copy.
+Call = Callable[[int, int, str, str, tuple[Any, ...], dict[str, Any]], "Future[Any]"]
+
+
+class ShardUnavailable(CollectionUnavailable):
+    """Every copy of a shard failed or timed out."""
+
+
+class Copies:
+    """Which copies of which shard are up, and calling them with timeouts and retries."""
+
+    def __init__(self, shard_map: ShardMap, call: Call, *, timeout_s: float, retry_down_s: float = 10.0) -> None:
+        self.map = shard_map
+        self._call = call
+        self.timeout_s = timeout_s
+        self.retry_down_s = retry_down_s
+        self._down: dict[tuple[int, int], float] = {}  # (shard, copy) -> when marked down
+        self._next = [0] * shard_map.shards  # round robin over a shard's copies
+        self._lock = threading.Lock()
+
+    def up(self, shard: int) -> list[int]:
+        """The shard's copies to try, up ones first (round robin), those marked down last."""
+        now = time.monotonic()
+        with self._lock:
+            start = self._next[shard]
+            self._next[shard] = (start + 1) % self.map.replicas
+            order = [(start + i) % self.map.replicas for i in range(self.map.replicas)]
+            down = {c for c in order if now - self._down.get((shard, c), -1e18) < self.retry_down_s}
+        return [c for c in order if c not in down] + [c for c in order if c in down]
+
+    def mark(self, shard: int, copy: int, *, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self._down.pop((shard, copy), None)
+            elif (shard, copy) not in self._down:
+                logger.warning("shard %d copy %d marked down", shard, copy)
+                self._down[(shard, copy)] = time.monotonic()
+
+    def down(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return sorted(self._down)
+
+    def read(self, shards: Sequence[int], name: str, method: str, args: Callable[[int], tuple[Any, ...]],
+             kwargs: dict[str, Any]) -> dict[int, Any]:
+        """``method`` on one copy of each shard, in parallel: ``shard -> result``."""
+        tries = {s: self.up(s) for s in shards}
+        results: dict[int, Any] = {}
+        while tries:
+            pending = {s: (copies[0], self._call(s, copies[0], name, method, args(s), kwargs))
+                       for s, copies in tries.items()}
+            failed: dict[int, BaseException] = {}
+            for shard, (copy, future) in pending.items():
+                try:
+                    results[shard] = future.result(timeout=self.timeout_s)
+                    self.mark(shard, copy, ok=True)
+                except TandemError:
+                    raise  # the request's own fault: every copy would say the same
+                except Exception as exc:  # died, unreachable, too slow
+                    self.mark(shard, copy, ok=False)
+                    failed[shard] = exc
+            tries = {s: tries[s][1:] for s in failed}
+            for shard, rest in tries.items():
+                if not rest:
+                    raise ShardUnavailable(
+                        f"shard {shard} of collection {name!r}: no copy answered within {self.timeout_s:g} s "
+                        f"({type(failed[shard]).__name__}); retry later"
+                    )
+        return results
+
+    def write(self, shards: Sequence[int], name: str, method: str, args: Callable[[int], tuple[Any, ...]],
+              kwargs: dict[str, Any]) -> dict[int, Any]:
+        """``method`` on every copy of each shard not marked down, in parallel (all of them
+        when all are marked down): ``shard -> result`` of one copy that made it durable."""
+        now = time.monotonic()
+        pending: list[tuple[int, int, Future[Any]]] = []
+        for shard in shards:
+            with self._lock:
+                live = [c for c in range(self.map.replicas)
+                        if now - self._down.get((shard, c), -1e18) >= self.retry_down_s]
+            for copy in live or range(self.map.replicas):
+                pending.append((shard, copy, self._call(shard, copy, name, method, args(shard), kwargs)))
+        results: dict[int, Any] = {}
+        errors: dict[int, BaseException] = {}
+        refused: TandemError | None = None
+        for shard, copy, future in pending:
+            try:
+                results[shard] = future.result(timeout=self.timeout_s)
+                self.mark(shard, copy, ok=True)
+            except TandemError as exc:
+                refused = refused or exc  # validated on the router: a full disk, or a dropped collection
+            except Exception as exc:
+                self.mark(shard, copy, ok=False)
+                errors[shard] = exc
+        if refused is not None:
+            raise refused
+        missing = [s for s in shards if s not in results]
+        if missing:
+            raise ShardUnavailable(
+                f"collection {name!r}: no copy of shard(s) {missing} made the write durable "
+                f"({type(errors[missing[0]]).__name__}); it may be applied on some shards: retry it (writes are "
+                "idempotent upserts)"
+            )
+        return results
+
+
+class ShardedCollection:
+    """The collection interface of ``index.Collection`` that the service uses, over shards."""
+
+    def __init__(self, name: str, config: CollectionConfig, copies: Copies) -> None:
+        self.name = name
+        self.config = config
+        self.copies = copies
+        self.calibration = None  # each shard copy calibrates its own part
+
+    @property
+    def _shards(self) -> list[int]:
+        return list(range(self.copies.map.shards))
+
+    def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        results = self.copies.read(self._shards, self.name, method, lambda s: args, kwargs)
+        return [results[s] for s in self._shards]
+
+    # -- reads --------------------------------------------------------------------------------
+    def search_mode(self, mode: SearchMode | None, *, vector: bool, text: bool) -> SearchMode:
+        return self.config.search_mode(mode, vector=vector, text=text)
+
+    def search_detailed(self, queries: Any, k: int = 10, **options: Any) -> SearchResult:
+        """Every shard's top ``k``, merged by score (see the module doc)."""
+        parts: list[SearchResult] = self._all("search_detailed", queries, k, **options)
+        n = len(parts[0].hits)
+        hits: list[list[Hit]] = []
+        for i in range(n):
+            merged = [h for part in parts for h in part.hits[i]]
+            merged.sort(key=lambda h: -h.score)
+            hits.append(merged[:k])
+        first = parts[0]
+        indexed = None if first.filter_indexed is None else all(p.filter_indexed for p in parts)
+        return SearchResult(
+            hits, max(p.coarse_s for p in parts), max(p.rerank_s for p in parts),
+            sum(p.candidates for p in parts), indexed, sparse_s=max(p.sparse_s for p in parts),
+            mode=first.mode, setting=first.setting,
+        )
+
+    def get(self, id: PointId) -> Point | None:
+        point_id = check_id(id)
+        shard = self.copies.map.shard_of(point_id)
+        result: Point | None = self.copies.read([shard], self.name, "get", lambda s: (point_id,), {})[shard]
+        return result
+
+    def count(self, filter: Any = None) -> int:
+        return self.count_detailed(filter)[0]
+
+    def count_detailed(self, filter: Any = None) -> tuple[int, bool | None]:
+        parts = self._all("count_detailed", filter)
+        indexed = None if parts[0][1] is None else all(p[1] for p in parts)
+        return sum(p[0] for p in parts), indexed
+
+    def scroll(self, *, filter: Any = None, limit: int = 10, offset: PointId | None = None,
+               with_payload: bool = True) -> tuple[list[tuple[PointId, dict[str, Any] | None]], PointId | None]:
+        parts = self._all("scroll", filter=filter, limit=limit, offset=offset, with_payload=with_payload)
+        merged = sorted((item for page, _ in parts for item in page), key=lambda item: _order(item[0]))
+        rest = [nxt for _, nxt in parts if nxt is not None]
+        if len(merged) > limit:
+            return merged[:limit], merged[limit][0]
+        return merged, min(rest, key=_order) if rest else None
+
+    def facet(self, key: str, *, filter: Any = None, limit: int = 100) -> tuple[list[tuple[Any, int]], bool]:
+        parts = self._all("facet", key, filter=filter, limit=10_000)
+        totals: dict[Any, int] = {}
+        for values, _ in parts:
+            for value, n in values:
+                totals[(type(value).__name__, value)] = totals.get((type(value).__name__, value), 0) + n
+        ranked = sorted(((v, n) for (_, v), n in totals.items()), key=lambda vn: (-vn[1], str(vn[0])))
+        return ranked[:limit], all(p[1] for p in parts)
+
+    def payload_indexes(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for part in self._all("payload_indexes"):
+            for key, info in part.items():
+                seen = out.setdefault(key, {"type": info["type"], "points": 0, "ram_bytes": 0})
+                seen["points"] += info["points"]
+                seen["ram_bytes"] += info["ram_bytes"]
+        return out
+
+    def stats(self) -> CollectionStats:
+        parts: list[CollectionStats] = self._all("stats")
+        return CollectionStats(*(sum(values) for values in zip(*parts, strict=True)))
+
+    # -- writes -------------------------------------------------------------------------------
+    def upsert(self, ids: Sequence[PointId], vectors: Any, payloads: Sequence[Any] | None = None,
+               texts: Sequence[str | None] | None = None) -> int:
+        """All the batch's checks on the router, then each shard's points to its copies. The
+        vectors are sent as given (each copy normalises them as a single node would)."""
+        if self.config.multivector is None:
+            PointBatch.build(ids, vectors, payloads, dim=self.config.dim, normalize=False)
+            rows: Any = np.asarray(vectors, dtype=np.float32)
+        else:
+            mv = self.config.multivector
+            VectorSetBatch.build(ids, vectors, payloads, dim=self.config.dim, normalize=False,
+                                 max_vectors=mv.max_vectors)
+            rows = list(vectors)
+        checked_texts = check_texts(texts, len(ids))
+        parts = self.copies.map.split(list(ids))
+
+        def args(shard: int) -> tuple[Any, ...]:
+            at = parts[shard]
+            return (
+                [ids[i] for i in at],
+                rows[at] if isinstance(rows, np.ndarray) else [rows[i] for i in at],
+                None if payloads is None else [payloads[i] for i in at],
+                None if checked_texts is None else [checked_texts[i] for i in at],
+            )
+
+        done = self.copies.write(sorted(parts), self.name, "upsert", args, {})
+        return int(sum(done.values()))
+
+    def delete(self, ids: Sequence[PointId]) -> int:
+        keys = check_ids(ids)
+        parts = self.copies.map.split(keys)
+        done = self.copies.write(sorted(parts), self.name, "delete", lambda s: ([keys[i] for i in parts[s]],), {})
+        return int(sum(done.values()))
+
+    def create_payload_index(self, key: str, type: Any) -> bool:
+        done = self.copies.write(self._shards, self.name, "create_payload_index", lambda s: (key, type), {})
+        return any(done.values())
+
+    def drop_payload_index(self, key: str) -> bool:
+        done = self.copies.write(self._shards, self.name, "drop_payload_index", lambda s: (key,), {})
+        return any(done.values())
+
+    def record_recall(self, *_: Any) -> None:
+        """Monitor samples stay with the router: each copy calibrates its own part."""
+
+    def close(self, *, checkpoint: bool = True) -> None:
+        """The copies own the files: nothing to close on the router."""
+
+
+def _order(key: PointId) -> tuple[bool, int, str]:
+    """Points in the order a collection scrolls them: integers, then strings."""
+    return (isinstance(key, str), key if isinstance(key, int) else 0, key if isinstance(key, str) else "")
+
+
+def not_found(name: str) -> CollectionNotFound:
+    return CollectionNotFound(f"no collection named {name!r}: create it with PUT /collections/{name}")
+
+
+class ClusterRegistry:
+    """``service.registry.CollectionRegistry``'s interface over the shard copies: every copy
+    holds every collection (its share of the points). Creates and drops go to every copy."""
+
+    def __init__(self, copies: Copies) -> None:
+        self.copies = copies
+        self.broken: dict[str, str] = {}
+        self._open: dict[str, OpenCollection] = {}
+        self._lock = threading.Lock()
+
+    def _every_copy(self, method: str, *args: Any) -> list[Any]:
+        shards = list(range(self.copies.map.shards))
+        return list(self.copies.write(shards, "", method, lambda s: args, {}).values())
+
+    def open_all(self, wait_s: float = 300.0) -> list[str]:
+        """The collections the copies hold (each copy answers with its own list: they agree).
+        Waits up to ``wait_s`` for a copy of shard 0 to answer: copies start with the router."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                listed: list[dict[str, Any]] = self.copies.read([0], "", "collections", lambda s: (), {})[0]
+                break
+            except ShardUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        with self._lock:
+            for meta in listed:
+                self._open[meta["name"]] = self._opened(meta)
+            return sorted(self._open)
+
+    def _opened(self, meta: dict[str, Any]) -> OpenCollection:
+        config = CollectionConfig.model_validate_json(meta["config"])
+        return OpenCollection(meta["name"], ShardedCollection(meta["name"], config, self.copies),  # type: ignore[arg-type]
+                              meta["encoder"], float(meta["created_at"]))
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._open)
+
+    def get(self, name: str) -> OpenCollection:
+        with self._lock:
+            found = self._open.get(name)
+        if found is None:
+            raise not_found(name)
+        return found
+
+    def create(self, name: str, config: CollectionConfig, encoder: str | None) -> tuple[OpenCollection, bool]:
+        check_name(name)
+        with self._lock:
+            existing = self._open.get(name)
+            if existing is not None:
+                if existing.same_as(config, encoder):
+                    return existing, False
+                raise ConfigConflict(f"collection {name!r} exists with another configuration: use another name, "
+                                     "or DELETE it first")
+            metas = self._every_copy("create", name, config.model_dump_json(), encoder, time.time())
+            opened = self._opened(metas[0])
+            self._open[name] = opened
+        return opened, True
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            opened = self._open.pop(name, None)
+            if opened is None:
+                raise not_found(name)
+            opened.dropped = True
+        self._every_copy("drop", name)
+
+    def close_all(self) -> None:
+        with self._lock:
+            self._open = {}

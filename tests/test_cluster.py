@@ -1,0 +1,95 @@
+"""Cluster mode on a real Ray cluster on this machine: `tandem cluster --shards 2 --replicas 2`
+against a single node over the same points, through HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.cluster.sharding import ShardMap, virtual_shard
+from tests.server import REPO_ROOT, Server, free_port
+from tests.synthetic import embeddings, queries_near
+
+DIM = 32
+
+
+def test_points_go_to_shards_by_a_stable_hash_of_their_id() -> None:
+    # Golden values: a router on any machine or Python version must route a point the same way.
+    assert [virtual_shard(x) for x in (0, 1, "a", "1", 2**63 - 1, "ü")] == [179, 10, 19, 84, 209, 33]
+    four = ShardMap(4, 2)
+    counts = np.bincount([four.shard_of(i) for i in range(100_000)], minlength=4)
+    assert counts.min() > 24_000 and counts.max() < 26_000  # equal shares (expected 25,000 +- 137)
+    parts = four.split(list(range(1000)))
+    assert sorted(i for at in parts.values() for i in at) == list(range(1000))
+    assert all(four.shard_of(i) == shard for shard, at in parts.items() for i in at)
+    for bad in ((0, 1), (257, 1), (2, 0)):
+        with pytest.raises(ValueError):
+            ShardMap(*bad)
+
+
+class ClusterServer(Server):
+    """`tandem cluster` in a subprocess: it starts a local Ray cluster of its own."""
+
+    def start(self, *, wait_ready: bool = True, timeout: float = 240.0) -> Server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+        env.update(self.env)
+        cmd = [sys.executable, "-m", "service.cli", "cluster", "--host", "127.0.0.1", "--port", str(self.port),
+               "--data-dir", str(self.data_dir), "--models-dir", str(self.models_dir), *self.flags]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child until stop()
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        self.wait("/readyz" if wait_ready else "/livez", timeout)
+        return self
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[tuple[Server, Server]]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    single = Server(tmp / "single", models_dir).start()
+    cluster = ClusterServer(tmp / "cluster", models_dir, "--shards", "2", "--replicas", "2",
+                            env={"RAY_ADDRESS": "", "RAY_DISABLE_USAGE_STATS": "1"})
+    cluster.port = free_port()
+    cluster.url = f"http://127.0.0.1:{cluster.port}"
+    cluster.start()
+    yield single, cluster
+    cluster.stop()
+    single.stop()
+
+
+def test_cluster_answers_as_a_single_node(pair: tuple[Server, Server]) -> None:
+    single, cluster = pair
+    base = embeddings(3_000, DIM, seed=11)
+    queries = queries_near(base, 20, seed=12)
+    for srv in (single, cluster):
+        with srv.client() as c:
+            assert c.put("/collections/c", json={"dim": DIM}).status_code == 201
+            for start in range(0, len(base), 500):
+                points = [{"id": i if i % 2 else f"p{i}", "vector": base[i].tolist(), "payload": {"even": i % 2 == 0}}
+                          for i in range(start, start + 500)]
+                r = c.put("/collections/c/points", json={"points": points})
+                assert r.status_code == 200, r.text
+    with single.client() as s, cluster.client() as c:
+        assert c.get("/collections/c").json()["points"] == 3_000
+        even = {"must": [{"key": "even", "match": True}]}
+        for q in queries:
+            for body in ({"vector": q.tolist(), "k": 10, "exact": True},
+                         {"vector": q.tolist(), "k": 5, "exact": True, "filter": even}):
+                want = s.post("/collections/c/search", json=body).json()["hits"]
+                got = c.post("/collections/c/search", json=body).json()["hits"]
+                assert [h["id"] for h in got] == [h["id"] for h in want]
+                assert [h["score"] for h in got] == pytest.approx([h["score"] for h in want], abs=1e-6)
+        assert c.get("/collections/c/points/p4").json()["payload"] == {"even": True}
+        assert c.post("/collections/c/count", json={"filter": {"must": [{"key": "even", "match": True}]}}).json() \
+            == s.post("/collections/c/count", json={"filter": {"must": [{"key": "even", "match": True}]}}).json()
+        bad = {"points": [{"id": 1, "vector": [0.1] * DIM}, {"id": 2, "vector": [0.1] * (DIM - 1)}]}
+        rs, rc = s.put("/collections/c/points", json=bad), c.put("/collections/c/points", json=bad)
+        assert rs.status_code == rc.status_code == 422
+        assert {**rs.json()["error"], "request_id": None} == {**rc.json()["error"], "request_id": None}
+        assert c.get("/collections/nope").status_code == 404
