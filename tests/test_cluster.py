@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,3 +95,50 @@ def test_cluster_answers_as_a_single_node(pair: tuple[Server, Server]) -> None:
         assert rs.status_code == rc.status_code == 422
         assert {**rs.json()["error"], "request_id": None} == {**rc.json()["error"], "request_id": None}
         assert c.get("/collections/nope").status_code == 404
+
+
+@pytest.fixture
+def three_nodes(tmp_path: Path) -> Iterator[Any]:
+    """A head and two worker nodes on this machine; copy c of every shard is pinned to worker c."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1, resources={f"tandem-shard{s}-copy{c}": 1 for s in range(2)})
+               for c in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    cluster.shutdown()
+
+
+def test_a_node_removed_mid_load(three_nodes: Any, tmp_path: Path, models_dir: Path) -> None:
+    cluster, workers = three_nodes
+    srv = ClusterServer(tmp_path / "data", models_dir, "--shards", "2", "--replicas", "2", "--address",
+                        cluster.address, "--shard-timeout-s", "2", env={"RAY_DISABLE_USAGE_STATS": "1"})
+    srv.start()
+    base = embeddings(2_400, DIM, seed=13)
+    queries = queries_near(base, 10, seed=14)
+    try:
+        with srv.client() as c:
+            assert c.put("/collections/c", json={"dim": DIM}).status_code == 201
+            for start in range(0, 2_000, 500):
+                points = [{"id": i, "vector": base[i].tolist()} for i in range(start, start + 500)]
+                assert c.put("/collections/c/points", json={"points": points}).status_code == 200
+            cluster.remove_node(workers[0])  # every shard's copy 0 dies with it
+            acked = []
+            for start in range(2_000, 2_400, 100):  # writes go on: the copies left make them durable
+                points = [{"id": i, "vector": base[i].tolist()} for i in range(start, start + 100)]
+                r = c.put("/collections/c/points", json={"points": points})
+                assert r.status_code == 200, r.text
+                acked += range(start, start + 100)
+            truth = np.argsort(-(queries @ base.T), axis=1)[:, :10]
+            for q, want in zip(queries, truth, strict=True):
+                t0 = time.monotonic()
+                r = c.post("/collections/c/search", json={"vector": q.tolist(), "k": 10, "exact": True})
+                assert r.status_code == 200, r.text
+                assert time.monotonic() - t0 < 2 * 2 + 5  # each shard: at most a timeout, then the other copy
+                assert [h["id"] for h in r.json()["hits"]] == want.tolist()
+            assert c.post("/collections/c/count", json={}).json()["count"] == 2_400
+            for i in acked[::37]:
+                assert c.get(f"/collections/c/points/{i}").status_code == 200
+    finally:
+        srv.stop()

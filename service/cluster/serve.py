@@ -5,8 +5,9 @@
   a node by a custom resource when the cluster has one named ``tandem-shard<s>-copy<c>`` (one
   per node, set with ``ray start --resources``); else placed by Ray.
 - ``Router``: the FastAPI ingress, the single node's app (``service.app.create_app``) over a
-  ``ClusterRegistry``: every route, error and auth rule is the single node's. Stateless,
-  autoscaled between 1 and ``--router-replicas``. It encodes texts itself (onnxruntime).
+  ``ClusterRegistry``: every route, error and auth rule is the single node's. Stateless;
+  ``--router-replicas`` of them, on the head node with Serve's HTTP proxy. It encodes texts
+  itself (onnxruntime); a separate encoder deployment is not built yet.
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def build(settings: Settings, shard_map: ShardMap, *, timeout_s: float, router_r
         registry = ClusterRegistry(Copies(shard_map, call_copies(shard_map, pool, timeout_s), timeout_s=timeout_s))
         return create_app(settings, registry=registry)
 
-    @serve.deployment(name="Router", num_replicas=router_replicas, ray_actor_options={"num_cpus": 0},
+    # On the head node, beside the HTTP proxy (HeadOnly): a worker node lost takes no router with it.
+    @serve.deployment(name="Router", num_replicas=router_replicas,
+                      ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
                       max_ongoing_requests=settings.max_in_flight)
     @serve.ingress(app_builder)
     class Router:
@@ -133,7 +136,9 @@ def run(settings: Settings, shard_map: ShardMap, *, address: str | None, timeout
         router_replicas: int) -> None:
     """Start (or join) Ray, deploy, and serve until interrupted."""
     ray.init(address=address, namespace="tandem", log_to_driver=True)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    # HTTP on the head node only: one address for clients (and KubeRay's head service), and
+    # several nodes on one machine do not compete for the port.
+    serve.start(http_options={"host": settings.host, "port": settings.port}, proxy_location="HeadOnly")
     serve.run(build(settings, shard_map, timeout_s=timeout_s, router_replicas=router_replicas),
               name=APP_NAME, route_prefix="/")
     logger.info("cluster mode: %d shards x %d copies on http://%s:%d", shard_map.shards, shard_map.replicas,

@@ -9,9 +9,12 @@ answers (ids and scores), since every score is computed alone, on the copy that 
 Writes are validated whole on the router first (nothing is sent for a bad batch), then each
 shard's points go to every copy of that shard not marked down, in parallel. A write returns
 once every such copy made it durable (each copy commits before it answers). A copy that fails
-during it is marked down and left out of reads; the write succeeds when at least one copy of
-each shard made it durable (``Copies.write``). A copy marked down is tried again after
-``retry_down_s``. Catching a returning copy up is the caller's (``ClusterRegistry``).
+during it is marked down; the write succeeds when at least one copy of each shard made it
+durable (``Copies.write``). A copy that missed a write (down, failed, or skipped) is **stale**:
+reads go to it only when no fresh copy of its shard answers, so a returning copy never serves
+answers older than its peer's while the peer is up. (Catching a stale copy up from a peer is
+not built yet: it stays stale until the router restarts, and the router's memory of it is
+lost on a restart.)
 """
 
 from __future__ import annotations
@@ -52,18 +55,21 @@ class Copies:
         self.timeout_s = timeout_s
         self.retry_down_s = retry_down_s
         self._down: dict[tuple[int, int], float] = {}  # (shard, copy) -> when marked down
+        self._stale: set[tuple[int, int]] = set()  # copies that missed a write
         self._next = [0] * shard_map.shards  # round robin over a shard's copies
         self._lock = threading.Lock()
 
     def up(self, shard: int) -> list[int]:
-        """The shard's copies to try, up ones first (round robin), those marked down last."""
+        """The shard's copies to try: fresh and up ones first (round robin), then those marked
+        down, then stale ones (which missed a write)."""
         now = time.monotonic()
         with self._lock:
             start = self._next[shard]
             self._next[shard] = (start + 1) % self.map.replicas
             order = [(start + i) % self.map.replicas for i in range(self.map.replicas)]
             down = {c for c in order if now - self._down.get((shard, c), -1e18) < self.retry_down_s}
-        return [c for c in order if c not in down] + [c for c in order if c in down]
+            stale = {c for c in order if (shard, c) in self._stale}
+        return sorted(order, key=lambda c: (c in stale, c in down))
 
     def mark(self, shard: int, copy: int, *, ok: bool) -> None:
         with self._lock:
@@ -76,6 +82,10 @@ class Copies:
     def down(self) -> list[tuple[int, int]]:
         with self._lock:
             return sorted(self._down)
+
+    def stale(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return sorted(self._stale)
 
     def read(self, shards: Sequence[int], name: str, method: str, args: Callable[[int], tuple[Any, ...]],
              kwargs: dict[str, Any]) -> dict[int, Any]:
@@ -114,6 +124,7 @@ class Copies:
             with self._lock:
                 live = [c for c in range(self.map.replicas)
                         if now - self._down.get((shard, c), -1e18) >= self.retry_down_s]
+                self._stale.update((shard, c) for c in range(self.map.replicas) if live and c not in live)
             for copy in live or range(self.map.replicas):
                 pending.append((shard, copy, self._call(shard, copy, name, method, args(shard), kwargs)))
         results: dict[int, Any] = {}
@@ -127,6 +138,8 @@ class Copies:
                 refused = refused or exc  # validated on the router: a full disk, or a dropped collection
             except Exception as exc:
                 self.mark(shard, copy, ok=False)
+                with self._lock:
+                    self._stale.add((shard, copy))  # it may or may not have applied it
                 errors[shard] = exc
         if refused is not None:
             raise refused
