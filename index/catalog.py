@@ -88,6 +88,14 @@ class Catalog:
         """Read connections opened so far (at most the reads that ever ran at once)."""
         return len(self._opened)
 
+    def backup(self, path: Path) -> None:
+        """A consistent copy of the catalog at ``path`` (SQLite's online backup)."""
+        target = sqlite3.connect(path)
+        try:
+            self._db.backup(target)
+        finally:
+            target.close()
+
     def close(self) -> None:
         with self._readers_lock:
             for db in self._opened:

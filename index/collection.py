@@ -1223,6 +1223,23 @@ class Collection:
                 block = self._dense.read_range(start, min(end, start + 32768))
             fresh.add(block)
 
+    def snapshot(self, target: str | Path) -> None:
+        """A consistent copy of the collection in the new folder ``target``, to open with
+        ``Collection.open``: taken under the writers' lock (writes wait, searches go on). The
+        catalog is copied with SQLite's online backup; the other files as they are (a coarse
+        checkpoint that does not match is rebuilt on open, as after a crash)."""
+        target = Path(target)
+        target.mkdir(parents=True)
+        with self._writer, self._checkpoint_lock:
+            self._catalog.backup(target / CATALOG)
+            for entry in self.path.iterdir():
+                if entry.name.startswith(CATALOG) or entry.name.endswith(".tmp") or entry.name == RESERVE:
+                    continue
+                if entry.is_dir():
+                    shutil.copytree(entry, target / entry.name)
+                else:
+                    shutil.copy2(entry, target / entry.name)
+
     def drop(self) -> None:
         """Close the collection and delete its directory."""
         self.close(checkpoint=False)

@@ -101,18 +101,32 @@ class CollectionRegistry:
                 logger.warning("removing %s: its creation was interrupted", entry)
                 shutil.rmtree(entry, ignore_errors=True)
                 continue
-            try:
-                meta = json.loads(meta_path.read_text())
-                collection = Collection.open(entry / INDEX_DIR)
-            except (ValueError, OSError, sqlite3.Error, TandemError) as exc:  # one damaged collection, not all
-                self.broken[entry.name] = f"{type(exc).__name__}: {exc}"
-                logger.error("collection %s cannot be opened and is unavailable: %s", entry.name, exc)
-                continue
+            self._open_one(entry)
+        return sorted(self._open)
+
+    def _open_one(self, entry: Path) -> None:
+        try:
+            meta = json.loads((entry / SERVICE_FILE).read_text())
+            collection = Collection.open(entry / INDEX_DIR)
+        except (ValueError, OSError, sqlite3.Error, TandemError) as exc:  # one damaged collection, not all
+            self.broken[entry.name] = f"{type(exc).__name__}: {exc}"
+            logger.error("collection %s cannot be opened and is unavailable: %s", entry.name, exc)
+            return
+        with self._lock:
             self._open[entry.name] = OpenCollection(
                 entry.name, collection, meta.get("encoder"), float(meta.get("created_at", 0))
             )
-            logger.info("opened collection %s: %d points", entry.name, collection.count())
-        return sorted(self._open)
+        logger.info("opened collection %s: %d points", entry.name, collection.count())
+
+    def adopt(self, name: str, folder: Path) -> OpenCollection:
+        """Open the collection folder ``folder`` (a copy made elsewhere) as ``name``, in place of
+        any collection of that name (cluster mode: a copy catching up from its peer's snapshot)."""
+        check_name(name)
+        if name in self.names():
+            self.drop(name)
+        os.rename(folder, self.root / name)
+        self._open_one(self.root / name)
+        return self.get(name)
 
     def names(self) -> list[str]:
         with self._lock:

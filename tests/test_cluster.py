@@ -140,5 +140,20 @@ def test_a_node_removed_mid_load(three_nodes: Any, tmp_path: Path, models_dir: P
             assert c.post("/collections/c/count", json={}).json()["count"] == 2_400
             for i in acked[::37]:
                 assert c.get(f"/collections/c/points/{i}").status_code == 200
+
+            # The node comes back: its copies restart from their disk, 400 points behind, and
+            # catch up from their peers before they serve.
+            cluster.add_node(num_cpus=1, resources={f"tandem-shard{s}-copy0": 1 for s in range(2)})
+            deadline = time.monotonic() + 120
+            while not all(f"shard {s} copy 0 caught up" in srv.log() for s in range(2)):
+                assert time.monotonic() < deadline, srv.log()[-3000:]
+                time.sleep(0.5)
+            cluster.remove_node(workers[1])  # now only the copies that came back hold the data
+            assert c.post("/collections/c/count", json={}).json()["count"] == 2_400
+            for q, want in zip(queries, truth, strict=True):
+                r = c.post("/collections/c/search", json={"vector": q.tolist(), "k": 10, "exact": True})
+                assert [h["id"] for h in r.json()["hits"]] == want.tolist()
+            for i in acked[::37]:
+                assert c.get(f"/collections/c/points/{i}").json()["vector"] is not None
     finally:
         srv.stop()

@@ -13,8 +13,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import shutil
+import tarfile
+import tempfile
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +30,7 @@ from ray import serve
 from index import CollectionConfig
 from service.cluster.sharded import ClusterRegistry, Copies
 from service.cluster.sharding import ShardMap
-from service.registry import CollectionRegistry
+from service.registry import INDEX_DIR, SERVICE_FILE, CollectionRegistry
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -60,10 +65,38 @@ class ShardCopyImpl:
         if method == "drop":
             self.registry.drop(args[0])
             return True
+        if method == "ping":
+            return True
+        if method == "snapshot":
+            return self._snapshot(args[0])
+        if method == "restore":
+            return self._restore(args[0], args[1])
         if method not in CALLS:
             raise ValueError(f"not a collection call: {method!r}")
         opened = self.registry.get(name)
         return opened.guarded(getattr(opened.collection, method), *args, **kwargs)
+
+    def _snapshot(self, name: str) -> bytes:
+        """The collection's folder (service.json and a consistent copy of the index) as a tar."""
+        opened = self.registry.get(name)
+        with tempfile.TemporaryDirectory(dir=self.registry.root.parent) as tmp:
+            folder = Path(tmp) / name
+            opened.collection.snapshot(folder / INDEX_DIR)
+            shutil.copy2(self.registry.root / name / SERVICE_FILE, folder / SERVICE_FILE)
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w") as tar:
+                tar.add(folder, arcname=name)
+            return buffer.getvalue()
+
+    def _restore(self, name: str, data: bytes) -> dict[str, Any]:
+        """Replace this copy's collection ``name`` by a peer's snapshot of it."""
+        staging = self.registry.root / f".{name}.restoring-{uuid.uuid4().hex[:8]}"  # removed on open if left
+        staging.mkdir(parents=True)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+            tar.extractall(staging, filter="data")
+        self.registry.adopt(name, staging / name)
+        shutil.rmtree(staging, ignore_errors=True)
+        return self._meta(name)
 
     def _meta(self, name: str) -> dict[str, Any]:
         opened = self.registry.get(name)

@@ -12,9 +12,11 @@ once every such copy made it durable (each copy commits before it answers). A co
 during it is marked down; the write succeeds when at least one copy of each shard made it
 durable (``Copies.write``). A copy that missed a write (down, failed, or skipped) is **stale**:
 reads go to it only when no fresh copy of its shard answers, so a returning copy never serves
-answers older than its peer's while the peer is up. (Catching a stale copy up from a peer is
-not built yet: it stays stale until the router restarts, and the router's memory of it is
-lost on a restart.)
+answers older than its peer's while the peer is up. Once a stale copy answers again, the
+router catches it up (``ClusterRegistry.catch_up``): each collection from a fresh peer's
+snapshot, with the shard's writes held meanwhile; then it serves again. The router's memory of
+which copies are stale is in RAM: a router restarted while a copy is stale forgets it (one
+router replica by default; several would each keep their own).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class Copies:
         self._stale: set[tuple[int, int]] = set()  # copies that missed a write
         self._next = [0] * shard_map.shards  # round robin over a shard's copies
         self._lock = threading.Lock()
+        #: Held while a shard is written, and while a stale copy of it catches up (so no write
+        #: lands between its peer's snapshot and its restore).
+        self.shard_locks = [threading.Lock() for _ in range(shard_map.shards)]
 
     def up(self, shard: int) -> list[int]:
         """The shard's copies to try: fresh and up ones first (round robin), then those marked
@@ -114,10 +119,30 @@ class Copies:
                     )
         return results
 
+    def call_one(self, shard: int, copy: int, method: str, args: tuple[Any, ...], timeout_s: float) -> Any:
+        """A registry-level ``method`` on one copy (catch-up), with its own timeout."""
+        return self._call(shard, copy, "", method, args, {}).result(timeout=timeout_s)
+
+    def fresh(self, shard: int, copy: int) -> None:
+        with self._lock:
+            self._stale.discard((shard, copy))
+            self._down.pop((shard, copy), None)
+
     def write(self, shards: Sequence[int], name: str, method: str, args: Callable[[int], tuple[Any, ...]],
               kwargs: dict[str, Any]) -> dict[int, Any]:
         """``method`` on every copy of each shard not marked down, in parallel (all of them
         when all are marked down): ``shard -> result`` of one copy that made it durable."""
+        locks = [self.shard_locks[s] for s in sorted(set(shards))]  # in order: no deadlock
+        for lock in locks:
+            lock.acquire()
+        try:
+            return self._write(shards, name, method, args, kwargs)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def _write(self, shards: Sequence[int], name: str, method: str, args: Callable[[int], tuple[Any, ...]],
+               kwargs: dict[str, Any]) -> dict[int, Any]:
         now = time.monotonic()
         pending: list[tuple[int, int, Future[Any]]] = []
         for shard in shards:
@@ -298,11 +323,46 @@ class ClusterRegistry:
     """``service.registry.CollectionRegistry``'s interface over the shard copies: every copy
     holds every collection (its share of the points). Creates and drops go to every copy."""
 
+    #: How often stale copies are checked for being back, and caught up.
+    CATCH_UP_EVERY_S = 2.0
+    #: A snapshot's transfer and restore may take this long.
+    SNAPSHOT_TIMEOUT_S = 600.0
+
     def __init__(self, copies: Copies) -> None:
         self.copies = copies
         self.broken: dict[str, str] = {}
         self._open: dict[str, OpenCollection] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._catching_up = threading.Thread(target=self._catch_up_loop, name="catch-up", daemon=True)
+
+    def _catch_up_loop(self) -> None:
+        while not self._stop.wait(self.CATCH_UP_EVERY_S):
+            for shard, copy in self.copies.stale():
+                try:
+                    self.catch_up(shard, copy)
+                except Exception as exc:  # still down, or its peer is: try again later
+                    logger.warning("shard %d copy %d not caught up yet: %r", shard, copy, exc)
+
+    def catch_up(self, shard: int, copy: int) -> None:
+        """Make a stale copy equal to a fresh copy of its shard: each collection from the peer's
+        snapshot; collections the peer no longer has, dropped. Writes to the shard wait meanwhile."""
+        stale = set(self.copies.stale())
+        peers = [c for c in range(self.copies.map.replicas) if c != copy and (shard, c) not in stale]
+        if not peers:
+            return  # nothing fresher to copy from
+        self.copies.call_one(shard, copy, "ping", (), self.copies.timeout_s)  # back at all?
+        with self.copies.shard_locks[shard]:
+            peer = peers[0]
+            have = {m["name"] for m in self.copies.call_one(shard, copy, "collections", (), self.copies.timeout_s)}
+            want = [m["name"] for m in self.copies.call_one(shard, peer, "collections", (), self.copies.timeout_s)]
+            for name in have - set(want):
+                self.copies.call_one(shard, copy, "drop", (name,), self.copies.timeout_s)
+            for name in want:
+                data = self.copies.call_one(shard, peer, "snapshot", (name,), self.SNAPSHOT_TIMEOUT_S)
+                self.copies.call_one(shard, copy, "restore", (name, data), self.SNAPSHOT_TIMEOUT_S)
+            self.copies.fresh(shard, copy)
+        logger.warning("shard %d copy %d caught up from copy %d (%d collections)", shard, copy, peer, len(want))
 
     def _every_copy(self, method: str, *args: Any) -> list[Any]:
         shards = list(range(self.copies.map.shards))
@@ -323,6 +383,8 @@ class ClusterRegistry:
         with self._lock:
             for meta in listed:
                 self._open[meta["name"]] = self._opened(meta)
+            if not self._catching_up.is_alive():
+                self._catching_up.start()
             return sorted(self._open)
 
     def _opened(self, meta: dict[str, Any]) -> OpenCollection:
@@ -364,5 +426,6 @@ class ClusterRegistry:
         self._every_copy("drop", name)
 
     def close_all(self) -> None:
+        self._stop.set()
         with self._lock:
             self._open = {}
