@@ -1227,13 +1227,16 @@ class Collection:
         """A consistent copy of the collection in the new folder ``target``, to open with
         ``Collection.open``: taken under the writers' lock (writes wait, searches go on). The
         catalog is copied with SQLite's online backup; the other files as they are (a coarse
-        checkpoint that does not match is rebuilt on open, as after a crash)."""
+        checkpoint that does not match is rebuilt on open, as after a crash). The sparse stage is
+        left out (tantivy merges its files in the background): the copy re-indexes it from the
+        catalog's texts when opened."""
         target = Path(target)
         target.mkdir(parents=True)
         with self._writer, self._checkpoint_lock:
             self._catalog.backup(target / CATALOG)
             for entry in self.path.iterdir():
-                if entry.name.startswith(CATALOG) or entry.name.endswith(".tmp") or entry.name == RESERVE:
+                if (entry.name.startswith((CATALOG, "sparse.")) or entry.name.endswith(".tmp")
+                        or entry.name == RESERVE):
                     continue
                 if entry.is_dir():
                     shutil.copytree(entry, target / entry.name)

@@ -122,9 +122,17 @@ class CollectionRegistry:
         """Open the collection folder ``folder`` (a copy made elsewhere) as ``name``, in place of
         any collection of that name (cluster mode: a copy catching up from its peer's snapshot)."""
         check_name(name)
-        if name in self.names():
-            self.drop(name)
+        with self._lock:
+            old = self._open.pop(name, None)
+            self.broken.pop(name, None)
+        if old is not None:
+            old.dropped = True
+            old.collection.close()
+        aside = self.root / f".{name}.replaced-{uuid.uuid4().hex[:8]}"
+        if (self.root / name).exists():
+            os.rename(self.root / name, aside)  # a crash now: the copy has no such collection; still stale
         os.rename(folder, self.root / name)
+        shutil.rmtree(aside, ignore_errors=True)
         self._open_one(self.root / name)
         return self.get(name)
 

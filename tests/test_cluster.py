@@ -88,6 +88,19 @@ def test_cluster_answers_as_a_single_node(pair: tuple[Server, Server]) -> None:
                 assert [h["id"] for h in got] == [h["id"] for h in want]
                 assert [h["score"] for h in got] == pytest.approx([h["score"] for h in want], abs=1e-6)
         assert c.get("/collections/c/points/p4").json()["payload"] == {"even": True}
+
+        def scrolled(client: Any) -> list[Any]:  # every id, page by page (through the Qdrant dialect)
+            ids, offset = [], None
+            while True:
+                body = {"limit": 7, "offset": offset, "with_payload": False,
+                        "filter": {"must": [{"key": "even", "match": {"value": True}}]}}
+                page = client.post("/qdrant/collections/c/points/scroll", json=body).json()["result"]
+                ids += [p["id"] for p in page["points"]]
+                offset = page["next_page_offset"]
+                if offset is None:
+                    return ids
+
+        assert scrolled(c) == scrolled(s) and len(scrolled(s)) == 1_500
         assert c.post("/collections/c/count", json={"filter": {"must": [{"key": "even", "match": True}]}}).json() \
             == s.post("/collections/c/count", json={"filter": {"must": [{"key": "even", "match": True}]}}).json()
         bad = {"points": [{"id": 1, "vector": [0.1] * DIM}, {"id": 2, "vector": [0.1] * (DIM - 1)}]}

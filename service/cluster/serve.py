@@ -58,10 +58,8 @@ class ShardCopyImpl:
             return [self._meta(n) for n in self.registry.names()]
         if method == "create":
             collection_name, config_json, encoder, created_at = args
-            opened, _ = self.registry.create(collection_name, CollectionConfig.model_validate_json(config_json),
-                                             encoder)
-            meta = self._meta(collection_name)
-            return meta | {"created_at": created_at if opened else meta["created_at"]}
+            self.registry.create(collection_name, CollectionConfig.model_validate_json(config_json), encoder)
+            return self._meta(collection_name)
         if method == "drop":
             self.registry.drop(args[0])
             return True
@@ -113,11 +111,11 @@ def call_copies(shard_map: ShardMap, pool: ThreadPoolExecutor, timeout_s: float)
                for s in range(shard_map.shards) for c in range(shard_map.replicas)}
 
     def call(shard: int, copy: int, name: str, method: str, args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Future[Any]:
+             kwargs: dict[str, Any], timeout: float | None = None) -> Future[Any]:
         def run() -> Any:
             response = handles[(shard, copy)].call.remote(name, method, args, kwargs)
             try:
-                return response.result(timeout_s=timeout_s)
+                return response.result(timeout_s=timeout or timeout_s)
             except ray.exceptions.RayTaskError as exc:  # the copy raised: raise what it raised
                 cause = exc.cause if hasattr(exc, "cause") else None
                 if isinstance(cause, Exception):

@@ -33,7 +33,7 @@ import numpy as np
 from index import CollectionConfig, CollectionStats, Hit, Point, SearchResult
 from index.batch import PointBatch, PointId, VectorSetBatch, check_id, check_ids, check_texts
 from index.config import SearchMode
-from index.errors import CollectionNotFound, TandemError
+from index.errors import CollectionNotFound, InvalidArgument, TandemError
 from service.cluster.sharding import ShardMap
 from service.errors import CollectionUnavailable, ConfigConflict
 from service.registry import OpenCollection, check_name
@@ -41,7 +41,7 @@ from service.registry import OpenCollection, check_name
 logger = logging.getLogger(__name__)
 
 #: ``call(copy, name, method, args, kwargs) -> Future``: a method of a collection on one copy.
-Call = Callable[[int, int, str, str, tuple[Any, ...], dict[str, Any]], "Future[Any]"]
+Call = Callable[..., "Future[Any]"]  # (shard, copy, name, method, args, kwargs, timeout=None)
 
 
 class ShardUnavailable(CollectionUnavailable):
@@ -80,9 +80,10 @@ class Copies:
         with self._lock:
             if ok:
                 self._down.pop((shard, copy), None)
-            elif (shard, copy) not in self._down:
+                return
+            if (shard, copy) not in self._down:
                 logger.warning("shard %d copy %d marked down", shard, copy)
-                self._down[(shard, copy)] = time.monotonic()
+            self._down[(shard, copy)] = time.monotonic()  # each failure starts the wait anew
 
     def down(self) -> list[tuple[int, int]]:
         with self._lock:
@@ -121,7 +122,7 @@ class Copies:
 
     def call_one(self, shard: int, copy: int, method: str, args: tuple[Any, ...], timeout_s: float) -> Any:
         """A registry-level ``method`` on one copy (catch-up), with its own timeout."""
-        return self._call(shard, copy, "", method, args, {}).result(timeout=timeout_s)
+        return self._call(shard, copy, "", method, args, {}, timeout=timeout_s).result(timeout=timeout_s + 1)
 
     def fresh(self, shard: int, copy: int) -> None:
         with self._lock:
@@ -155,17 +156,21 @@ class Copies:
         results: dict[int, Any] = {}
         errors: dict[int, BaseException] = {}
         refused: TandemError | None = None
+        refusing: list[tuple[int, int]] = []
         for shard, copy, future in pending:
             try:
                 results[shard] = future.result(timeout=self.timeout_s)
                 self.mark(shard, copy, ok=True)
             except TandemError as exc:
                 refused = refused or exc  # validated on the router: a full disk, or a dropped collection
+                refusing.append((shard, copy))
             except Exception as exc:
                 self.mark(shard, copy, ok=False)
                 with self._lock:
                     self._stale.add((shard, copy))  # it may or may not have applied it
                 errors[shard] = exc
+        with self._lock:  # a copy that refused what a peer of its shard committed differs from it now
+            self._stale.update((s, c) for s, c in refusing if s in results)
         if refused is not None:
             raise refused
         missing = [s for s in shards if s not in results]
@@ -197,10 +202,17 @@ class ShardedCollection:
 
     # -- reads --------------------------------------------------------------------------------
     def search_mode(self, mode: SearchMode | None, *, vector: bool, text: bool) -> SearchMode:
-        return self.config.search_mode(mode, vector=vector, text=text)
+        chosen = self.config.search_mode(mode, vector=vector, text=text)
+        if chosen != "dense":
+            # BM25's statistics and the fusion's normalisation are per shard: their scores do
+            # not compare across shards yet.
+            raise InvalidArgument(f"mode {chosen!r} is not available in cluster mode yet: search with "
+                                  "\"mode\": \"dense\"")
+        return chosen
 
     def search_detailed(self, queries: Any, k: int = 10, **options: Any) -> SearchResult:
         """Every shard's top ``k``, merged by score (see the module doc)."""
+        self.search_mode(options.get("mode"), vector=queries is not None, text=options.get("text") is not None)
         parts: list[SearchResult] = self._all("search_detailed", queries, k, **options)
         n = len(parts[0].hits)
         hits: list[list[Hit]] = []
@@ -234,10 +246,10 @@ class ShardedCollection:
                with_payload: bool = True) -> tuple[list[tuple[PointId, dict[str, Any] | None]], PointId | None]:
         parts = self._all("scroll", filter=filter, limit=limit, offset=offset, with_payload=with_payload)
         merged = sorted((item for page, _ in parts for item in page), key=lambda item: _order(item[0]))
-        rest = [nxt for _, nxt in parts if nxt is not None]
-        if len(merged) > limit:
-            return merged[:limit], merged[limit][0]
-        return merged, min(rest, key=_order) if rest else None
+        # The next page starts at the first id not returned: among the pages' leftovers and
+        # each shard's own next id (a shard's ids past its page are not in it).
+        after = [item[0] for item in merged[limit:]] + [nxt for _, nxt in parts if nxt is not None]
+        return merged[:limit], min(after, key=_order) if after else None
 
     def facet(self, key: str, *, filter: Any = None, limit: int = 100) -> tuple[list[tuple[Any, int]], bool]:
         parts = self._all("facet", key, filter=filter, limit=10_000)
@@ -333,6 +345,7 @@ class ClusterRegistry:
         self.broken: dict[str, str] = {}
         self._open: dict[str, OpenCollection] = {}
         self._lock = threading.Lock()
+        self._dropped: set[str] = set()  # dropped through this router (a late listing may still hold them)
         self._stop = threading.Event()
         self._catching_up = threading.Thread(target=self._catch_up_loop, name="catch-up", daemon=True)
 
@@ -347,12 +360,12 @@ class ClusterRegistry:
     def catch_up(self, shard: int, copy: int) -> None:
         """Make a stale copy equal to a fresh copy of its shard: each collection from the peer's
         snapshot; collections the peer no longer has, dropped. Writes to the shard wait meanwhile."""
-        stale = set(self.copies.stale())
-        peers = [c for c in range(self.copies.map.replicas) if c != copy and (shard, c) not in stale]
-        if not peers:
-            return  # nothing fresher to copy from
         self.copies.call_one(shard, copy, "ping", (), self.copies.timeout_s)  # back at all?
         with self.copies.shard_locks[shard]:
+            stale = set(self.copies.stale())  # under the lock: no write changes it meanwhile
+            peers = [c for c in range(self.copies.map.replicas) if c != copy and (shard, c) not in stale]
+            if not peers:
+                return  # nothing fresher to copy from
             peer = peers[0]
             have = {m["name"] for m in self.copies.call_one(shard, copy, "collections", (), self.copies.timeout_s)}
             want = [m["name"] for m in self.copies.call_one(shard, peer, "collections", (), self.copies.timeout_s)]
@@ -380,9 +393,11 @@ class ClusterRegistry:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
+        listed = [m for m in listed if m["name"] not in self._dropped]
         with self._lock:
             for meta in listed:
-                self._open[meta["name"]] = self._opened(meta)
+                if meta["name"] not in self._open:
+                    self._open[meta["name"]] = self._opened(meta)
             if not self._catching_up.is_alive():
                 self._catching_up.start()
             return sorted(self._open)
@@ -400,6 +415,11 @@ class ClusterRegistry:
         with self._lock:
             found = self._open.get(name)
         if found is None:
+            # Created through another router replica since this one listed them: ask the copies.
+            self.open_all(wait_s=0)
+            with self._lock:
+                found = self._open.get(name)
+        if found is None:
             raise not_found(name)
         return found
 
@@ -415,6 +435,7 @@ class ClusterRegistry:
             metas = self._every_copy("create", name, config.model_dump_json(), encoder, time.time())
             opened = self._opened(metas[0])
             self._open[name] = opened
+            self._dropped.discard(name)
         return opened, True
 
     def drop(self, name: str) -> None:
@@ -423,6 +444,7 @@ class ClusterRegistry:
             if opened is None:
                 raise not_found(name)
             opened.dropped = True
+            self._dropped.add(name)
         self._every_copy("drop", name)
 
     def close_all(self) -> None:
