@@ -240,9 +240,10 @@ class Runtime:
     def _sample_recall(self, opened: OpenCollection, queries: Any, req: schemas.SearchRequest,
                        result: SearchResult) -> None:
         """Offer an approximate dense search to the recall monitor (which samples a share of them)."""
-        if result.setting is not None and not result.setting.exact and queries is not None:
+        setting = result.setting
+        if self.recall.rate > 0 and setting is not None and not setting.exact and queries is not None:
             served = [[hit.score for hit in hits] for hits in result.hits]
-            self.recall.offer(opened.name, opened.collection, queries, req.k, req.filter, served, result.setting)
+            self.recall.offer(opened.name, opened.collection, queries, req.k, req.filter, served, setting)
 
     def _recall_sampled(self, name: str, recall: float) -> None:
         self.metrics.observe_recall(name, recall, self.recall.estimate(name).estimate)
