@@ -49,11 +49,15 @@ ERROR_RESPONSES = errors.documented(ErrorBody, {
 })
 
 
-def create_app(settings: Settings, *, registry: Any = None) -> FastAPI:
+def create_app(settings: Settings, *, registry: Any = None, load_encoder: Any = None,
+               load_files: Any = None) -> FastAPI:
     """The HTTP app. ``registry``: where collections live (default: ``settings.data_dir`` on
-    this node; cluster mode passes ``service.cluster.sharded.ClusterRegistry``)."""
+    this node; cluster mode passes ``service.cluster.sharded.ClusterRegistry``).
+    ``load_encoder``: builds the text encoder (default: onnxruntime in this process; cluster
+    mode passes one over its encoder deployment). ``load_files``: runs file ingestion jobs
+    (default: in this process; cluster mode passes one on Ray Data)."""
     metrics = Metrics()
-    runtime = Runtime(settings, metrics, registry=registry)
+    runtime = Runtime(settings, metrics, registry=registry, load_encoder=load_encoder, load_files=load_files)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -89,11 +89,20 @@ def cluster(settings: Settings, args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     try:
         shard_map = ShardMap(args.shards, args.replicas)
+        quorum = shard_map.quorum(args.write_quorum)
+        for flag in ("router_replicas", "encoder_max_replicas", "ingest_actors"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+        if args.shard_timeout_s <= 0:
+            raise ValueError("--shard-timeout-s must be positive")
     except ValueError as exc:
         print(f"tandem cluster: {exc}", file=sys.stderr)
         return 2
-    cluster_serve.run(settings, shard_map, address=args.address, timeout_s=args.shard_timeout_s,
-                      router_replicas=args.router_replicas)
+    options = cluster_serve.ClusterOptions(
+        shard_map, timeout_s=args.shard_timeout_s, router_replicas=args.router_replicas,
+        encoder_max_replicas=args.encoder_max_replicas, write_quorum=quorum, ingest_max_actors=args.ingest_actors,
+    )
+    cluster_serve.run(settings, options, address=args.address)
     return 0
 
 
@@ -107,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     cl.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
     cl.add_argument("--shard-timeout-s", type=float, default=5.0, help="a copy slower than this is retried elsewhere")
     cl.add_argument("--router-replicas", type=int, default=1, help="replicas of the router (FastAPI ingress)")
+    cl.add_argument("--encoder-max-replicas", type=int, default=4,
+                    help="the encoder deployment autoscales between 1 and this many replicas")
+    cl.add_argument("--ingest-actors", type=int, default=4,
+                    help="file ingestion (Ray Data) encodes on up to this many actors, one CPU each")
+    cl.add_argument("--write-quorum", default="1",
+                    help="copies of a shard that must make a write durable before it is acknowledged: a number "
+                         "from 1 to --replicas, 'majority' or 'all' (default 1: writes go on while one copy lives)")
     exp = sub.add_parser("export-model", help="export all-MiniLM-L6-v2 to ONNX (needs the 'export' extra)")
     exp.add_argument("--models-dir", type=Path, default=Path("models"), help="where the model folder goes")
     exp.add_argument("--name", default="minilm", help="name of the model folder")

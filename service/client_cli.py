@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from index import errors
 from service.client import Client
+from service.files import point_line
 
 
 def add_parsers(sub: Any) -> None:
@@ -123,26 +124,9 @@ def rows(path: Path) -> tuple[int, Iterator[Any]]:
     raise ValueError(f"{path}: unknown format {suffix!r}: use .jsonl / .ndjson, .csv or .parquet")
 
 
-_NATIVE = {"id", "text", "vector", "vectors", "payload"}
-
-
 def point(row: Any, args: argparse.Namespace) -> bytes:
     """One NDJSON line for the ingestion job."""
-    if isinstance(row, bytes):
-        return row + b"\n"
-    if not isinstance(row, dict):
-        return json.dumps(row).encode() + b"\n"  # not an object: the job says so
-    if "payload" in row and set(row) <= _NATIVE and args.id_field == "id":
-        return json.dumps(row).encode() + b"\n"  # already in tandem's shape
-    out: dict[str, Any] = {"id": row.get(args.id_field)}
-    for field, name in ((args.text_field, "text"), (args.vector_field, "vector")):
-        if row.get(field) is not None:
-            out[name] = row[field]
-    payload = {k: v for k, v in row.items() if k not in (args.id_field, args.text_field, args.vector_field)
-               and v is not None}
-    if payload:
-        out["payload"] = payload
-    return json.dumps(out, default=str).encode() + b"\n"
+    return point_line(row, id_field=args.id_field, text_field=args.text_field, vector_field=args.vector_field)
 
 
 def ingest(client: Client, args: argparse.Namespace) -> int:

@@ -44,6 +44,10 @@ class Unauthorized(ServiceError):
     headers = {"WWW-Authenticate": "Bearer"}
 
 
+class Forbidden(ServiceError):
+    """Not allowed on this server: a file outside --import-dir, or file ingestion switched off."""
+
+
 class NotFound(ServiceError):
     """No such route, job or point."""
 
@@ -80,6 +84,7 @@ class EncoderUnavailable(ServiceError):
 STATUS: dict[type[Exception], int] = {
     BadRequest: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     index_errors.CollectionNotFound: 404,
     index_errors.PointNotFound: 404,

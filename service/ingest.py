@@ -11,6 +11,11 @@ How a job runs (bounded memory whatever the body's size):
 3. Jobs run one at a time, in arrival order; the spool file is deleted when the job ends.
 A job that a stop or a crash interrupted is resumed by the next process from its last saved
 line (`recover`); upserts replace points by id, so re-reading a chunk is harmless.
+
+Files under ``--import-dir`` (``accept_files``, ``service.files``) become such a spool file on a
+single node (written whole before the job is recorded). Cluster mode passes a ``load_files``
+that reads them with Ray Data instead (``service.cluster.bulk``); such a job is not resumed
+after a restart: it fails, and running it again is harmless.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from index.errors import CollectionNotFound, InvalidInput, StorageFull
+from service import files as input_files
 from service.errors import CollectionUnavailable
 from service.jobs import Job
 from service.registry import OpenCollection
@@ -52,6 +58,11 @@ class Ingestor:
         self._stop = threading.Event()
         self._running: set[asyncio.Future[None]] = set()
         self.active: dict[str, Job] = {}  # jobs accepted and not finished, by id (live progress)
+
+    @property
+    def stopping(self) -> bool:
+        """A shutdown asked the running job to stop after its current chunk."""
+        return self._stop.is_set()
 
     async def recover(self) -> None:
         """At start-up: resume the jobs a previous process accepted and did not finish, oldest
@@ -89,9 +100,10 @@ class Ingestor:
     def _spool_path(self, job_id: str) -> Path:
         return self.spool_dir / f"{job_id}.ndjson"
 
-    def _start(self, job: Job, opened: OpenCollection, path: Path) -> None:
+    def _start(self, job: Job, opened: OpenCollection, path: Path,
+               files: list[input_files.InputFile] | None = None) -> None:
         self.active[job.job_id] = job
-        future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, job, opened, path)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, job, opened, path, files)
         self._running.add(future)
         future.add_done_callback(self._running.discard)
 
@@ -122,6 +134,36 @@ class Ingestor:
         logger.info("ingestion job %s accepted: %d bytes for %s", job.job_id, received, opened.name)
         return job, received
 
+    async def accept_files(self, opened: OpenCollection, names: list[str]) -> tuple[Job, int]:
+        """A job over files under --import-dir; returns (job, bytes of the files)."""
+        self.runtime.job_store()  # 503 before start-up opened it
+        found = input_files.resolve(self.runtime.settings.import_dir, names)
+        job = Job(job_id=uuid.uuid4().hex, collection=opened.name)
+        size = sum(f.size for f in found)
+        path = self._spool_path(job.job_id)
+        if self.runtime.load_files is not None:  # cluster mode: Ray Data reads them
+            job.message = "files: " + ", ".join(f.name for f in found)
+            await run_in_threadpool(self.runtime.job_store().save, job)
+            self._start(job, opened, path, files=found)
+            return job, size
+        partial = path.with_suffix(".partial")  # renamed once whole: a crash meanwhile leaves no job
+
+        def spool() -> str:
+            try:
+                with open(partial, "wb") as f:
+                    spans = input_files.write_ndjson(found, f)
+                    _sync_and_close(f, self.spool_dir)
+                partial.rename(path)
+            finally:
+                partial.unlink(missing_ok=True)
+            return input_files.describe(spans)
+
+        job.message = await run_in_threadpool(spool)
+        await run_in_threadpool(self.runtime.job_store().save, job)
+        self._start(job, opened, path)
+        logger.info("ingestion job %s accepted: %s for %s", job.job_id, job.message, opened.name)
+        return job, size
+
     async def stop(self) -> None:
         """Stop after the chunk being committed; unfinished jobs resume at the next start."""
         self._stop.set()
@@ -130,14 +172,18 @@ class Ingestor:
         self._pool.shutdown(wait=True)
 
     # -- the worker thread ----------------------------------------------------------------
-    def _run(self, job: Job, opened: OpenCollection, path: Path) -> None:
+    def _run(self, job: Job, opened: OpenCollection, path: Path,
+             files: list[input_files.InputFile] | None = None) -> None:
         jobs = self.runtime.job_store()
         try:
             if job.started_at is None:
                 job.started_at = time.time()
                 jobs.save(job)
-            with open(path, "rb") as f:
-                self._process(job, opened, f)
+            if files is not None and self.runtime.load_files is not None:
+                self.runtime.load_files(self, job, opened, files)
+            else:
+                with open(path, "rb") as f:
+                    self._process(job, opened, f)
             if self._stop.is_set():  # stays running, with its spool file: the next start resumes it
                 job.message = f"paused by a shutdown after line {job.lines_read}; resumes at the next start"
                 jobs.save(job)
@@ -180,28 +226,30 @@ class Ingestor:
                 return
             job.lines_read = number  # live progress; set back to `done` before each save
             if line is None:
-                self._fail(job, number, f"line longer than {settings.max_line_bytes} bytes (--max-line-bytes)")
+                self.fail(job, number, f"line longer than {settings.max_line_bytes} bytes (--max-line-bytes)")
             elif line.strip():
                 try:
                     point = PointIn.model_validate_json(line)
                 except ValidationError as exc:
-                    self._fail(job, number, _first_problem(exc))
+                    self.fail(job, number, first_problem(exc))
                 else:
                     if point.id in chunk:  # same id twice in a chunk: the later line wins, as if one by one
                         job.lines_read = done = number - 1
-                        self._commit(job, opened, chunk)
+                        self.commit(job, opened, chunk)
                         job.lines_read = number
                     chunk[point.id] = (number, point)
                     if len(chunk) >= settings.ingest_chunk_points:
-                        self._commit(job, opened, chunk)
+                        self.commit(job, opened, chunk)
             if not chunk:
                 done = number
         if chunk and not self._stop.is_set():
-            self._commit(job, opened, chunk)
+            self.commit(job, opened, chunk)
         elif chunk:
             job.lines_read = done
 
-    def _commit(self, job: Job, opened: OpenCollection, chunk: dict[Any, tuple[int, PointIn]]) -> None:
+    def commit(self, job: Job, opened: OpenCollection, chunk: dict[Any, tuple[int, PointIn]],
+                encoded: dict[int, np.ndarray] | None = None) -> None:
+        """Commit a chunk; ``encoded``: vectors of its texts already encoded, by line number."""
         entries = list(chunk.values())
         chunk.clear()
         config = opened.collection.config
@@ -214,7 +262,7 @@ class Ingestor:
         for i, (number, p) in enumerate(entries):
             if p.vectors is not None:
                 good[i] = False
-                self._fail(job, number, "'vectors' (a vector set) is for multi-vector collections; send 'vector'")
+                self.fail(job, number, "'vectors' (a vector set) is for multi-vector collections; send 'vector'")
             elif p.text is not None:
                 text_rows.append(i)
             elif p.vector is not None:
@@ -222,20 +270,24 @@ class Ingestor:
                     array = vector_array(p.vector)
                 except InvalidInput as exc:
                     good[i] = False
-                    self._fail(job, number, str(exc))
+                    self.fail(job, number, str(exc))
                     continue
                 if array.shape != (config.dim,):
                     good[i] = False
-                    self._fail(job, number, f"vector has {array.size} numbers, the collection's dim is {config.dim}")
+                    self.fail(job, number, f"vector has {array.size} numbers, the collection's dim is {config.dim}")
                 else:
                     vectors[i] = array
+        if encoded:
+            for i in [i for i in text_rows if entries[i][0] in encoded]:
+                vectors[i] = encoded[entries[i][0]]
+            text_rows = [i for i in text_rows if entries[i][0] not in encoded]
         if text_rows:
             try:
                 encoder = self.runtime.encoder_of(opened)
             except Exception as exc:
                 for i in text_rows:
                     good[i] = False
-                    self._fail(job, entries[i][0], str(exc))
+                    self.fail(job, entries[i][0], str(exc))
             else:
                 vectors[text_rows] = encoder.encode([entries[i][1].text or "" for i in text_rows], batch_size=64)
         bad_rows = ~np.isfinite(vectors).all(axis=1)
@@ -243,7 +295,7 @@ class Ingestor:
             bad_rows |= ~vectors.any(axis=1)
         for row in np.flatnonzero(good & bad_rows).tolist():
             good[row] = False
-            self._fail(job, entries[row][0], "vector holds NaN or inf, or is all zeros under cosine")
+            self.fail(job, entries[row][0], "vector holds NaN or inf, or is all zeros under cosine")
         rows = np.flatnonzero(good)
         if not len(rows):
             self.runtime.job_store().save(job)
@@ -262,7 +314,7 @@ class Ingestor:
                     opened.collection.upsert([p.id], vectors[row : row + 1], [p.payload], [p.text])
                     committed += 1
                 except InvalidInput as exc:
-                    self._fail(job, number, str(exc))
+                    self.fail(job, number, str(exc))
         job.points_committed += committed
         metrics = self.runtime.metrics
         metrics.ingested_points.inc(committed)
@@ -278,7 +330,7 @@ class Ingestor:
         texts: list[int] = []
         for number, p in entries:
             if p.vector is not None:
-                self._fail(job, number, "multi-vector collection: send 'vectors' (a set) or 'text', not 'vector'")
+                self.fail(job, number, "multi-vector collection: send 'vectors' (a set) or 'text', not 'vector'")
                 continue
             if p.text is not None:
                 texts.append(len(kept))
@@ -289,7 +341,7 @@ class Ingestor:
                 encoder = self.runtime.encoder_of(opened)
             except Exception as exc:
                 for i in texts:
-                    self._fail(job, kept[i][0], str(exc))
+                    self.fail(job, kept[i][0], str(exc))
                     sets[i] = None
             else:
                 encoded = text_vector_sets(encoder, [kept[i][1].text or "" for i in texts])
@@ -307,13 +359,13 @@ class Ingestor:
                     try:
                         committed += opened.collection.upsert([p.id], [one], [p.payload])
                     except InvalidInput as exc:
-                        self._fail(job, number, str(exc))
+                        self.fail(job, number, str(exc))
         job.points_committed += committed
         self.runtime.metrics.ingested_points.inc(committed)
         self.runtime.metrics.set_points(opened.name, opened.collection.count())
         self.runtime.job_store().save(job)
 
-    def _fail(self, job: Job, number: int, message: str) -> None:
+    def fail(self, job: Job, number: int, message: str) -> None:
         job.add_error(number, message)
         self.runtime.metrics.ingest_failed_lines.inc()
 
@@ -346,7 +398,7 @@ def _lines(f: BinaryIO, limit: int) -> Any:
         yield number, line
 
 
-def _first_problem(exc: ValidationError) -> str:
+def first_problem(exc: ValidationError) -> str:
     problems = exc.errors()
     if not problems:
         return "invalid point"
@@ -358,4 +410,4 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-__all__ = ["Ingestor"]
+__all__ = ["Ingestor", "first_problem"]

@@ -401,6 +401,16 @@ class SearchBatchResponse(BaseModel):
 
 
 # -- ingestion jobs -----------------------------------------------------------------------------
+class FileIngest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    paths: list[str] = Field(
+        ..., min_length=1, max_length=10_000,
+        description="files under the server's --import-dir, relative to it: .ndjson / .jsonl (one point per line, "
+        "as POST .../ingest) or .parquet (columns id, text or vector, payload or other columns)",
+    )
+
+
 class JobAccepted(BaseModel):
     job_id: str
     state: Literal["running"] = "running"

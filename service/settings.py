@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     data_dir: Path = Field(Path("data"), description="folder holding the collections and jobs.sqlite")
     models_dir: Path = Field(Path("models"), description="folder holding exported ONNX models")
+    import_dir: Path | None = Field(
+        None,
+        description="folder whose NDJSON and Parquet files POST /collections/{name}/ingest/files may load "
+        "(in cluster mode: a path every node sees); unset: that route answers 403",
+    )
     encoder: str | None = Field(
         "minilm",
         description="model (a folder under models_dir) loaded for text; empty: no encoder, "

@@ -6,8 +6,11 @@
   per node, set with ``ray start --resources``); else placed by Ray.
 - ``Router``: the FastAPI ingress, the single node's app (``service.app.create_app``) over a
   ``ClusterRegistry``: every route, error and auth rule is the single node's. Stateless;
-  ``--router-replicas`` of them, on the head node with Serve's HTTP proxy. It encodes texts
-  itself (onnxruntime); a separate encoder deployment is not built yet.
+  ``--router-replicas`` of them, on the head node with Serve's HTTP proxy.
+- Bulk ingestion (``POST .../ingest/files``) runs as a job on the router that drives Ray Data
+  (``service.cluster.bulk``): an actor pool encodes, the router loads each shard's part.
+- ``Encoder``: onnxruntime (``service.cluster.encoding``), stateless, autoscaled between 1 and
+  ``--encoder-max-replicas`` replicas by Serve on the requests in flight; the routers hold no model.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,9 +32,12 @@ import ray
 from ray import serve
 
 from index import CollectionConfig
+from service.cluster.bulk import files_loader
+from service.cluster.encoding import EncoderImpl, RemoteEncoder
 from service.cluster.sharded import ClusterRegistry, Copies
 from service.cluster.sharding import ShardMap
 from service.registry import INDEX_DIR, SERVICE_FILE, CollectionRegistry
+from service.runtime import ENCODER_PROVIDERS
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -127,8 +134,21 @@ def call_copies(shard_map: ShardMap, pool: ThreadPoolExecutor, timeout_s: float)
     return call
 
 
-def build(settings: Settings, shard_map: ShardMap, *, timeout_s: float, router_replicas: int) -> Any:
-    """The application: the shard copies and the router, bound."""
+@dataclass(frozen=True)
+class ClusterOptions:
+    """``tandem cluster``'s own flags (the rest are ``tandem serve``'s ``Settings``)."""
+
+    shard_map: ShardMap
+    timeout_s: float = 5.0
+    router_replicas: int = 1
+    encoder_max_replicas: int = 4
+    write_quorum: int = 1  # copies of each shard that must make a write durable
+    ingest_max_actors: int = 4  # Ray Data encoder actors of a file ingestion job, at most
+
+
+def build(settings: Settings, options: ClusterOptions) -> Any:
+    """The application: the shard copies, the encoder and the router, bound."""
+    shard_map, timeout_s = options.shard_map, options.timeout_s
     copy_deployment = serve.deployment(name="ShardCopy", max_ongoing_requests=64)(ShardCopyImpl)
     nodes = ray.nodes()  # type: ignore[no-untyped-call]
     resources = {r for node in nodes if node.get("Alive") for r in node.get("Resources", {})}
@@ -137,34 +157,57 @@ def build(settings: Settings, shard_map: ShardMap, *, timeout_s: float, router_r
         for c in range(shard_map.replicas):
             name = shard_map.copy_name(s, c)
             pin = f"tandem-{name}"
-            options: dict[str, Any] = {"num_cpus": 0}
+            actor: dict[str, Any] = {"num_cpus": 0}
             if pin in resources:
-                options["resources"] = {pin: 0.001}
-            copies.append(copy_deployment.options(name=name, ray_actor_options=options).bind(
+                actor["resources"] = {pin: 0.001}
+            copies.append(copy_deployment.options(name=name, ray_actor_options=actor).bind(
                 str(settings.data_dir / name)))
+
+    encoder = None
+    if settings.model_dir is not None:
+        encoder = serve.deployment(
+            name="Encoder", max_ongoing_requests=8,
+            autoscaling_config={"min_replicas": 1, "max_replicas": options.encoder_max_replicas,
+                                "target_ongoing_requests": 2},
+            # No CPU reserved: onnxruntime's threads are --encoder-threads; Serve spreads replicas.
+            ray_actor_options={"num_cpus": 0},
+        )(EncoderImpl).bind(str(settings.model_dir), settings.encoder_threads, settings.encoder_int8,
+                            ENCODER_PROVIDERS[settings.device])
 
     def app_builder() -> Any:
         from service.app import create_app
 
         pool = ThreadPoolExecutor(max_workers=4 * shard_map.shards * shard_map.replicas,
                                   thread_name_prefix="shard-call")
-        registry = ClusterRegistry(Copies(shard_map, call_copies(shard_map, pool, timeout_s), timeout_s=timeout_s))
-        return create_app(settings, registry=registry)
+        copies = Copies(shard_map, call_copies(shard_map, pool, timeout_s), timeout_s=timeout_s,
+                        write_quorum=options.write_quorum)
+        load_encoder = None
+        if settings.model_dir is not None:
+            def load_encoder() -> Any:
+                handle = serve.get_deployment_handle("Encoder", app_name=APP_NAME)
+                # The first call waits for a replica to load the model.
+                assert settings.model_dir is not None
+                return RemoteEncoder(handle, settings.model_dir, timeout_s=max(timeout_s, 30.0))
+        load_files = files_loader(
+            None if settings.model_dir is None else str(settings.model_dir), quantized=settings.encoder_int8,
+            providers=ENCODER_PROVIDERS[settings.device], max_actors=options.ingest_max_actors,
+        )
+        return create_app(settings, registry=ClusterRegistry(copies), load_encoder=load_encoder,
+                          load_files=load_files)
 
     # On the head node, beside the HTTP proxy (HeadOnly): a worker node lost takes no router with it.
-    @serve.deployment(name="Router", num_replicas=router_replicas,
+    @serve.deployment(name="Router", num_replicas=options.router_replicas,
                       ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
                       max_ongoing_requests=settings.max_in_flight)
     @serve.ingress(app_builder)
     class Router:
-        def __init__(self, *shard_copies: Any) -> None:
-            self.shard_copies = shard_copies  # bound so that they deploy with the app
+        def __init__(self, *deployments: Any) -> None:
+            self.deployments = deployments  # bound so that they deploy with the app
 
-    return cast(Any, Router).bind(*copies)
+    return cast(Any, Router).bind(*copies, *([encoder] if encoder is not None else []))
 
 
-def run(settings: Settings, shard_map: ShardMap, *, address: str | None, timeout_s: float,
-        router_replicas: int) -> None:
+def run(settings: Settings, options: ClusterOptions, *, address: str | None) -> None:
     """Start (or join) Ray, deploy, and serve until interrupted."""
     # A local cluster without Ray's dashboard: 4 processes and ~0.5 GB fewer on this machine.
     ray.init(address=address, namespace="tandem", log_to_driver=True,
@@ -172,10 +215,9 @@ def run(settings: Settings, shard_map: ShardMap, *, address: str | None, timeout
     # HTTP on the head node only: one address for clients (and KubeRay's head service), and
     # several nodes on one machine do not compete for the port.
     serve.start(http_options={"host": settings.host, "port": settings.port}, proxy_location="HeadOnly")
-    serve.run(build(settings, shard_map, timeout_s=timeout_s, router_replicas=router_replicas),
-              name=APP_NAME, route_prefix="/")
-    logger.info("cluster mode: %d shards x %d copies on http://%s:%d", shard_map.shards, shard_map.replicas,
-                settings.host, settings.port)
+    serve.run(build(settings, options), name=APP_NAME, route_prefix="/")
+    logger.info("cluster mode: %d shards x %d copies on http://%s:%d", options.shard_map.shards,
+                options.shard_map.replicas, settings.host, settings.port)
     try:
         while True:
             time.sleep(3600)

@@ -9,14 +9,15 @@ answers (ids and scores), since every score is computed alone, on the copy that 
 Writes are validated whole on the router first (nothing is sent for a bad batch), then each
 shard's points go to every copy of that shard not marked down, in parallel. A write returns
 once every such copy made it durable (each copy commits before it answers). A copy that fails
-during it is marked down; the write succeeds when at least one copy of each shard made it
-durable (``Copies.write``). A copy that missed a write (down, failed, or skipped) is **stale**:
-reads go to it only when no fresh copy of its shard answers, so a returning copy never serves
-answers older than its peer's while the peer is up. Once a stale copy answers again, the
-router catches it up (``ClusterRegistry.catch_up``): each collection from a fresh peer's
-snapshot, with the shard's writes held meanwhile; then it serves again. The router's memory of
-which copies are stale is in RAM: a router restarted while a copy is stale forgets it (one
-router replica by default; several would each keep their own).
+during it is marked down; the write succeeds when at least ``write_quorum`` copies of each
+shard made it durable (``tandem cluster --write-quorum``, default 1; ``Copies.write``). A copy
+that missed a write (down, failed, or skipped) is **stale**: reads go to it only when no fresh
+copy of its shard answers, so a returning copy never serves answers older than its peer's while
+the peer is up. Once a stale copy answers again, the router catches it up
+(``ClusterRegistry.catch_up``): each collection from a fresh peer's snapshot, with the shard's
+writes held meanwhile; then it serves again. The router's memory of which copies are stale is
+in RAM: a router restarted while a copy is stale forgets it (one router replica by default;
+several would each keep their own).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class ShardUnavailable(CollectionUnavailable):
 class Copies:
     """Which copies of which shard are up, and calling them with timeouts and retries."""
 
-    def __init__(self, shard_map: ShardMap, call: Call, *, timeout_s: float, retry_down_s: float = 10.0) -> None:
+    def __init__(self, shard_map: ShardMap, call: Call, *, timeout_s: float, retry_down_s: float = 10.0,
+                 write_quorum: int = 1) -> None:
         self.map = shard_map
+        self.write_quorum = shard_map.quorum(write_quorum)
         self._call = call
         self.timeout_s = timeout_s
         self.retry_down_s = retry_down_s
@@ -132,7 +135,8 @@ class Copies:
     def write(self, shards: Sequence[int], name: str, method: str, args: Callable[[int], tuple[Any, ...]],
               kwargs: dict[str, Any]) -> dict[int, Any]:
         """``method`` on every copy of each shard not marked down, in parallel (all of them
-        when all are marked down): ``shard -> result`` of one copy that made it durable."""
+        when fewer than the write quorum are up): ``shard -> result`` of one copy that made it
+        durable. Raises ``ShardUnavailable`` when fewer than ``write_quorum`` copies of a shard did."""
         locks = [self.shard_locks[s] for s in sorted(set(shards))]  # in order: no deadlock
         for lock in locks:
             lock.acquire()
@@ -150,16 +154,20 @@ class Copies:
             with self._lock:
                 live = [c for c in range(self.map.replicas)
                         if now - self._down.get((shard, c), -1e18) >= self.retry_down_s]
-                self._stale.update((shard, c) for c in range(self.map.replicas) if live and c not in live)
-            for copy in live or range(self.map.replicas):
+                if len(live) < self.write_quorum:
+                    live = list(range(self.map.replicas))  # a down mark may be old: try them all
+                self._stale.update((shard, c) for c in range(self.map.replicas) if c not in live)
+            for copy in live:
                 pending.append((shard, copy, self._call(shard, copy, name, method, args(shard), kwargs)))
         results: dict[int, Any] = {}
+        durable: dict[int, int] = {}  # shard -> copies that made it durable
         errors: dict[int, BaseException] = {}
         refused: TandemError | None = None
         refusing: list[tuple[int, int]] = []
         for shard, copy, future in pending:
             try:
                 results[shard] = future.result(timeout=self.timeout_s)
+                durable[shard] = durable.get(shard, 0) + 1
                 self.mark(shard, copy, ok=True)
             except TandemError as exc:
                 refused = refused or exc  # validated on the router: a full disk, or a dropped collection
@@ -173,12 +181,13 @@ class Copies:
             self._stale.update((s, c) for s, c in refusing if s in results)
         if refused is not None:
             raise refused
-        missing = [s for s in shards if s not in results]
+        missing = [s for s in shards if durable.get(s, 0) < self.write_quorum]
         if missing:
+            why = errors.get(missing[0])
             raise ShardUnavailable(
-                f"collection {name!r}: no copy of shard(s) {missing} made the write durable "
-                f"({type(errors[missing[0]]).__name__}); it may be applied on some shards: retry it (writes are "
-                "idempotent upserts)"
+                f"collection {name!r}: fewer than the write quorum of {self.write_quorum} copies of shard(s) "
+                f"{missing} made the write durable ({type(why).__name__ if why else 'no answer'}); it may be "
+                "applied on some copies: retry it (writes are idempotent upserts)"
             )
         return results
 

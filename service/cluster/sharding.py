@@ -50,3 +50,17 @@ class ShardMap:
 
     def copy_name(self, shard: int, copy: int) -> str:
         return f"shard{shard}-copy{copy}"
+
+    def quorum(self, spec: str | int) -> int:
+        """The copies of a shard a write needs: a number from 1 to ``replicas``, ``majority`` or ``all``."""
+        if spec == "all":
+            return self.replicas
+        if spec == "majority":
+            return self.replicas // 2 + 1
+        try:
+            n = int(spec)
+        except ValueError:
+            raise ValueError(f"write quorum must be a number, 'majority' or 'all', got {spec!r}") from None
+        if not 1 <= n <= self.replicas:
+            raise ValueError(f"write quorum must be from 1 to the {self.replicas} replicas, got {n}")
+        return n

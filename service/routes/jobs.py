@@ -1,4 +1,5 @@
-"""NDJSON ingestion: POST /collections/{name}/ingest starts a job, GET /jobs/{job_id} follows it."""
+"""Ingestion jobs: POST /collections/{name}/ingest (an NDJSON body) or .../ingest/files (files
+under --import-dir) starts one, GET /jobs/{job_id} follows it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import CollectionDep, ReadyRuntime
 from service.errors import NotFound
-from service.schemas import JobAccepted, JobList, JobState
+from service.schemas import FileIngest, JobAccepted, JobList, JobState
 
 router = APIRouter(tags=["ingestion"])
 
@@ -33,6 +34,15 @@ _NDJSON_BODY = {
 async def ingest(request: Request, opened: CollectionDep, runtime: ReadyRuntime) -> JobAccepted:
     job, received = await runtime.job_runner().accept(opened, request)
     return JobAccepted(job_id=job.job_id, bytes_received=received)
+
+
+@router.post(
+    "/collections/{name}/ingest/files", response_model=JobAccepted, status_code=202,
+    summary="load NDJSON or Parquet files from the server's --import-dir; processed by a background job",
+)
+async def ingest_files(body: FileIngest, opened: CollectionDep, runtime: ReadyRuntime) -> JobAccepted:
+    job, size = await runtime.job_runner().accept_files(opened, body.paths)
+    return JobAccepted(job_id=job.job_id, bytes_received=size)
 
 
 @router.get("/jobs", response_model=JobList, summary="the newest ingestion jobs, newest first")
