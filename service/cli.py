@@ -82,26 +82,19 @@ def serve(settings: Settings) -> int:
 def cluster(settings: Settings, args: argparse.Namespace) -> int:
     try:
         from service.cluster import serve as cluster_serve
-        from service.cluster.sharding import ShardMap
     except ImportError:
         logger.error("cluster mode needs Ray: pip install 'tandem[cluster]'")
         return 2
     configure_logging(settings.log_level)
     try:
-        shard_map = ShardMap(args.shards, args.replicas)
-        quorum = shard_map.quorum(args.write_quorum)
-        for flag in ("router_replicas", "encoder_max_replicas", "ingest_actors"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-        if args.shard_timeout_s <= 0:
-            raise ValueError("--shard-timeout-s must be positive")
+        options = cluster_serve.ClusterOptions.parse(
+            shards=args.shards, replicas=args.replicas, shard_timeout_s=args.shard_timeout_s,
+            router_replicas=args.router_replicas, encoder_max_replicas=args.encoder_max_replicas,
+            write_quorum=args.write_quorum, ingest_actors=args.ingest_actors,
+        )
     except ValueError as exc:
         print(f"tandem cluster: {exc}", file=sys.stderr)
         return 2
-    options = cluster_serve.ClusterOptions(
-        shard_map, timeout_s=args.shard_timeout_s, router_replicas=args.router_replicas,
-        encoder_max_replicas=args.encoder_max_replicas, write_quorum=quorum, ingest_max_actors=args.ingest_actors,
-    )
     cluster_serve.run(settings, options, address=args.address)
     return 0
 

@@ -169,11 +169,7 @@ class CollectionRegistry:
             if existing is not None:
                 if existing.same_as(config, encoder):
                     return existing, False
-                raise ConfigConflict(
-                    f"collection {name!r} exists with another configuration "
-                    f"({_describe(existing.collection.config, existing.encoder)}): "
-                    "use another name, or DELETE it first"
-                )
+                raise conflict(name, existing)
             folder = self.root / name
             if folder.exists():  # a leftover not opened at start-up
                 shutil.rmtree(folder)
@@ -224,3 +220,11 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def conflict(name: str, existing: OpenCollection) -> ConfigConflict:
+    """What a create of an existing name with another configuration is answered."""
+    return ConfigConflict(
+        f"collection {name!r} exists with another configuration "
+        f"({_describe(existing.collection.config, existing.encoder)}): use another name, or DELETE it first"
+    )

@@ -40,6 +40,7 @@ from service.settings import Settings
 from tests.server import REPO_ROOT, Server
 
 DOCKERFILES = [REPO_ROOT / "docker" / "Dockerfile", REPO_ROOT / "docker" / "Dockerfile.gpu"]
+CLUSTER_DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile.cluster"
 COMPOSE_FILES = [REPO_ROOT / "compose.yaml", REPO_ROOT / "docker" / "compose.gpu.yaml"]
 K8S = REPO_ROOT / "deploy" / "k8s"
 OVERLAYS = ["cpu", "gpu"]
@@ -101,7 +102,7 @@ def stages(dockerfile: Path) -> list[Stage]:
 
 
 def test_hadolint() -> None:
-    check([tool("hadolint"), *map(str, DOCKERFILES)])
+    check([tool("hadolint"), *map(str, DOCKERFILES), str(CLUSTER_DOCKERFILE)])
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -228,7 +229,8 @@ def k8s(tmp_path: Path) -> Path:
     """A copy of deploy/k8s with the API key file the base's secret generator reads."""
     copy = tmp_path / "k8s"
     shutil.copytree(K8S, copy)
-    (copy / "base" / "api-key.env").write_text("TANDEM_API_KEY=test-key-0123456789\n")
+    for kustomization in ("base", "ray"):
+        (copy / kustomization / "api-key.env").write_text("TANDEM_API_KEY=test-key-0123456789\n")
     return copy
 
 
@@ -304,6 +306,86 @@ def test_prometheus_operator_component(k8s: Path, tmp_path: Path) -> None:
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     rules = yaml.safe_load((REPO_ROOT / "docker" / "prometheus" / "alerts.yml").read_text())
     assert kinds["PrometheusRule/tandem"]["spec"] == rules  # the same rules as compose's Prometheus
+
+
+#: RayService fields of KubeRay's ray.io/v1 API (https://ray-project.github.io/kuberay/reference/api/)
+RAYSERVICE_SPEC = {"serveConfigV2", "rayClusterConfig", "serviceUnhealthySecondThreshold",
+                   "deploymentUnhealthySecondThreshold", "upgradeStrategy", "excludeHeadPodFromServeSvc"}
+RAYCLUSTER_SPEC = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
+                   "workerGroupSpecs", "headServiceAnnotations", "suspend", "gcsFaultToleranceOptions"}
+HEAD_GROUP = {"rayStartParams", "template", "serviceType", "headService", "enableIngress"}
+WORKER_GROUP = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template",
+                "scaleStrategy", "numOfHosts", "suspend", "idleTimeoutSeconds"}
+
+
+def test_rayservice_manifest(k8s: Path, tmp_path: Path) -> None:
+    """deploy/k8s/ray: its core objects and every pod template KubeRay makes pods from, against
+    the Kubernetes schemas; the RayService's own fields against KubeRay's API; its Serve
+    application against the code it imports, and its worker groups against the shard layout."""
+    import importlib
+
+    from service.cluster import serve as cluster_serve
+
+    docs = render(k8s / "ray")
+    kinds = {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}  # generated names carry no hash here
+    assert set(kinds) == {"Namespace/tandem", "ConfigMap/tandem-cluster", "Secret/tandem-api-key", "RayService/tandem"}
+    assert all(d["metadata"].get("namespace") == "tandem" for d in docs if d["kind"] != "Namespace")
+    service = kinds["RayService/tandem"]
+    cluster = service["spec"]["rayClusterConfig"]
+    head, workers = cluster["headGroupSpec"], cluster["workerGroupSpecs"]
+    pods = [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"group-{i}", "namespace": "tandem"},
+             "template": group["template"]} for i, group in enumerate([head, *workers])]
+    validate([d for d in docs if d["kind"] != "RayService"] + pods, tmp_path)
+
+    assert service["apiVersion"] == "ray.io/v1"
+    assert set(service["spec"]) <= RAYSERVICE_SPEC and set(cluster) <= RAYCLUSTER_SPEC and set(head) <= HEAD_GROUP
+    for group in workers:
+        assert set(group) <= WORKER_GROUP, group["groupName"]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for group in [head, *workers]:
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values())  # KubeRay wants strings
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["image"] == "tandem:cluster"
+        assert {"name": "tandem-cluster"} == container["envFrom"][0]["configMapRef"]
+        assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+    # Ray: the version pinned by the cluster extra and installed by the cluster image.
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (ray_pin,) = [Requirement(r) for r in extras["cluster"] if Requirement(r).name == "ray"]
+    assert str(ray_pin.specifier) == f"=={cluster['rayVersion']}"
+    assert f"ray[serve,data]=={cluster['rayVersion']}" in CLUSTER_DOCKERFILE.read_text()
+
+    # The Serve application: its builder, its args, its HTTP port on the head pod.
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert config["proxy_location"] == "HeadOnly"
+    (app,) = config["applications"]
+    module, name = app["import_path"].split(":")
+    assert getattr(importlib.import_module(module), name) is cluster_serve.app
+    options = cluster_serve.ClusterOptions.parse(**app["args"])
+    with pytest.raises(ValueError, match="unknown cluster args"):
+        cluster_serve.app({**app["args"], "shard": 3})
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert config["http_options"]["port"] in {p["containerPort"] for p in head_container["ports"]}
+    (key_ref,) = [e["valueFrom"]["secretKeyRef"] for e in head_container["env"] if e["name"] == "TANDEM_API_KEY"]
+    assert key_ref == {"name": "tandem-api-key", "key": "TANDEM_API_KEY"}
+
+    # Every shard copy pinned to a worker group of its own, one pod each; encoders on theirs.
+    def offered(group: dict[str, Any]) -> dict[str, float]:
+        resources: dict[str, float] = json.loads(json.loads(group["rayStartParams"].get("resources", '"{}"')))
+        return resources
+
+    pins = {f"tandem-{options.shard_map.copy_name(s, c)}" for s in range(options.shard_map.shards)
+            for c in range(options.shard_map.replicas)}
+    pinned = [g for g in workers if set(offered(g)) & pins]
+    assert sorted(r for g in pinned for r in offered(g)) == sorted(pins)
+    assert all(len(offered(g)) == 1 and g["maxReplicas"] == 1 for g in pinned)
+    assert any(cluster_serve.ENCODER_RESOURCE in offered(g) for g in workers)
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no copy or Ray Data task on the head
+
+    # The settings every pod reads are settings, with valid values.
+    values = kinds["ConfigMap/tandem-cluster"]["data"]
+    assert set(values) <= SETTINGS_ENV
+    Settings(**{k.removeprefix("TANDEM_").lower(): v for k, v in values.items() if k != "TANDEM_DEVICE"})
 
 
 def test_rendering_without_an_api_key_fails(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@
 - Bulk ingestion (``POST .../ingest/files``) runs as a job on the router that drives Ray Data
   (``service.cluster.bulk``): an actor pool encodes, the router loads each shard's part.
 - ``Encoder``: onnxruntime (``service.cluster.encoding``), stateless, autoscaled between 1 and
-  ``--encoder-max-replicas`` replicas by Serve on the requests in flight; the routers hold no model.
+  ``--encoder-max-replicas`` replicas by Serve on the requests in flight; the routers hold no
+  model. On nodes offering ``tandem-encoder`` units when the cluster has any (one per replica).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 APP_NAME = "tandem"
+#: A node resource that marks nodes for encoder replicas (one unit each).
+ENCODER_RESOURCE = "tandem-encoder"
 #: Collection methods a router may call on a copy (reads and writes of ``index.Collection``).
 CALLS = frozenset({
     "search_detailed", "get", "count_detailed", "scroll", "facet", "payload_indexes", "stats",
@@ -145,6 +148,21 @@ class ClusterOptions:
     write_quorum: int = 1  # copies of each shard that must make a write durable
     ingest_max_actors: int = 4  # Ray Data encoder actors of a file ingestion job, at most
 
+    @classmethod
+    def parse(cls, *, shards: int = 1, replicas: int = 1, shard_timeout_s: float = 5.0, router_replicas: int = 1,
+              encoder_max_replicas: int = 4, write_quorum: str | int = 1, ingest_actors: int = 4) -> ClusterOptions:
+        """From ``tandem cluster``'s flags, or a Serve config's ``args``; ValueError says what is wrong."""
+        shard_map = ShardMap(int(shards), int(replicas))
+        for flag, value in (("router-replicas", router_replicas), ("encoder-max-replicas", encoder_max_replicas),
+                            ("ingest-actors", ingest_actors)):
+            if int(value) < 1:
+                raise ValueError(f"--{flag} must be at least 1, got {value}")
+        if float(shard_timeout_s) <= 0:
+            raise ValueError(f"--shard-timeout-s must be positive, got {shard_timeout_s}")
+        return cls(shard_map, timeout_s=float(shard_timeout_s), router_replicas=int(router_replicas),
+                   encoder_max_replicas=int(encoder_max_replicas), write_quorum=shard_map.quorum(write_quorum),
+                   ingest_max_actors=int(ingest_actors))
+
 
 def build(settings: Settings, options: ClusterOptions) -> Any:
     """The application: the shard copies, the encoder and the router, bound."""
@@ -169,8 +187,11 @@ def build(settings: Settings, options: ClusterOptions) -> Any:
             name="Encoder", max_ongoing_requests=8,
             autoscaling_config={"min_replicas": 1, "max_replicas": options.encoder_max_replicas,
                                 "target_ongoing_requests": 2},
-            # No CPU reserved: onnxruntime's threads are --encoder-threads; Serve spreads replicas.
-            ray_actor_options={"num_cpus": 0},
+            # No CPU reserved: onnxruntime's threads are --encoder-threads. On a cluster whose
+            # nodes offer "tandem-encoder" (KubeRay's encoder worker group), one unit per replica:
+            # replicas past those nodes' units wait for the autoscaler to add one.
+            ray_actor_options={"num_cpus": 0, **({"resources": {ENCODER_RESOURCE: 1}}
+                                                  if ENCODER_RESOURCE in resources else {})},
         )(EncoderImpl).bind(str(settings.model_dir), settings.encoder_threads, settings.encoder_int8,
                             ENCODER_PROVIDERS[settings.device])
 
@@ -205,6 +226,18 @@ def build(settings: Settings, options: ClusterOptions) -> Any:
             self.deployments = deployments  # bound so that they deploy with the app
 
     return cast(Any, Router).bind(*copies, *([encoder] if encoder is not None else []))
+
+
+def app(args: dict[str, Any]) -> Any:
+    """The application for a Serve config (``import_path: service.cluster.serve:app``), as
+    KubeRay's RayService deploys it: ``args`` are ``tandem cluster``'s own flags with
+    underscores (shards, replicas, write_quorum...); everything else comes from the ``TANDEM_*``
+    variables of the process that builds it, as for ``tandem serve``."""
+    unknown = set(args) - set(ClusterOptions.parse.__kwdefaults__ or {})
+    if unknown:
+        raise ValueError(f"unknown cluster args {sorted(unknown)}: use shards, replicas, write_quorum, "
+                         "shard_timeout_s, router_replicas, encoder_max_replicas, ingest_actors")
+    return build(Settings(), ClusterOptions.parse(**args))
 
 
 def run(settings: Settings, options: ClusterOptions, *, address: str | None) -> None:

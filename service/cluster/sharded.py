@@ -36,8 +36,8 @@ from index.batch import PointBatch, PointId, VectorSetBatch, check_id, check_ids
 from index.config import SearchMode
 from index.errors import CollectionNotFound, InvalidArgument, TandemError
 from service.cluster.sharding import ShardMap
-from service.errors import CollectionUnavailable, ConfigConflict
-from service.registry import OpenCollection, check_name
+from service.errors import CollectionUnavailable
+from service.registry import OpenCollection, check_name, conflict
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class Copies:
         """``method`` on one copy of each shard, in parallel: ``shard -> result``."""
         tries = {s: self.up(s) for s in shards}
         results: dict[int, Any] = {}
+        lacking: dict[int, list[int]] = {}  # shard -> copies that lack the collection
         while tries:
             pending = {s: (copies[0], self._call(s, copies[0], name, method, args(s), kwargs))
                        for s, copies in tries.items()}
@@ -109,6 +110,13 @@ class Copies:
                 try:
                     results[shard] = future.result(timeout=self.timeout_s)
                     self.mark(shard, copy, ok=True)
+                except CollectionNotFound as exc:
+                    if not name:
+                        raise
+                    # A copy without a collection the router knows: it restarted on an empty
+                    # disk, or missed the create. Its peers answer; it is caught up if they do.
+                    lacking.setdefault(shard, []).append(copy)
+                    failed[shard] = exc
                 except TandemError:
                     raise  # the request's own fault: every copy would say the same
                 except Exception as exc:  # died, unreachable, too slow
@@ -116,11 +124,16 @@ class Copies:
                     failed[shard] = exc
             tries = {s: tries[s][1:] for s in failed}
             for shard, rest in tries.items():
-                if not rest:
-                    raise ShardUnavailable(
-                        f"shard {shard} of collection {name!r}: no copy answered within {self.timeout_s:g} s "
-                        f"({type(failed[shard]).__name__}); retry later"
-                    )
+                if rest:
+                    continue
+                if len(lacking.get(shard, ())) == self.map.replicas:
+                    raise failed[shard]  # no copy has it: dropped (through another router)
+                raise ShardUnavailable(
+                    f"shard {shard} of collection {name!r}: no copy answered within {self.timeout_s:g} s "
+                    f"({type(failed[shard]).__name__}); retry later"
+                )
+        with self._lock:
+            self._stale.update((s, c) for s, copies in lacking.items() if s in results for c in copies)
         return results
 
     def call_one(self, shard: int, copy: int, method: str, args: tuple[Any, ...], timeout_s: float) -> Any:
@@ -162,7 +175,7 @@ class Copies:
         results: dict[int, Any] = {}
         durable: dict[int, int] = {}  # shard -> copies that made it durable
         errors: dict[int, BaseException] = {}
-        refused: TandemError | None = None
+        refused: dict[int, TandemError] = {}  # shard -> what a copy of it refused with
         refusing: list[tuple[int, int]] = []
         for shard, copy, future in pending:
             try:
@@ -170,7 +183,7 @@ class Copies:
                 durable[shard] = durable.get(shard, 0) + 1
                 self.mark(shard, copy, ok=True)
             except TandemError as exc:
-                refused = refused or exc  # validated on the router: a full disk, or a dropped collection
+                refused.setdefault(shard, exc)  # validated on the router: a full disk, or a lost collection
                 refusing.append((shard, copy))
             except Exception as exc:
                 self.mark(shard, copy, ok=False)
@@ -179,9 +192,10 @@ class Copies:
                 errors[shard] = exc
         with self._lock:  # a copy that refused what a peer of its shard committed differs from it now
             self._stale.update((s, c) for s, c in refusing if s in results)
-        if refused is not None:
-            raise refused
         missing = [s for s in shards if durable.get(s, 0) < self.write_quorum]
+        for shard in missing:
+            if shard in refused:
+                raise refused[shard]  # e.g. every copy's disk is full: the client's answer
         if missing:
             why = errors.get(missing[0])
             raise ShardUnavailable(
@@ -439,8 +453,7 @@ class ClusterRegistry:
             if existing is not None:
                 if existing.same_as(config, encoder):
                     return existing, False
-                raise ConfigConflict(f"collection {name!r} exists with another configuration: use another name, "
-                                     "or DELETE it first")
+                raise conflict(name, existing)
             metas = self._every_copy("create", name, config.model_dump_json(), encoder, time.time())
             opened = self._opened(metas[0])
             self._open[name] = opened
