@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     cl.add_argument("--shard-timeout-s", type=float, default=5.0, help="a copy slower than this is retried elsewhere")
     cl.add_argument("--router-replicas", type=int, default=1, help="replicas of the router (FastAPI ingress)")
     cl.add_argument("--encoder-max-replicas", type=int, default=4,
-                    help="the encoder deployment autoscales between 1 and this many replicas")
+                    help="the encoder deployment autoscales between 1 and this many replicas; 0: no encoder "
+                         "deployment, the routers encode (one hop fewer a text query)")
     cl.add_argument("--ingest-actors", type=int, default=4,
                     help="file ingestion (Ray Data) encodes on up to this many actors, one CPU each")
     cl.add_argument("--write-quorum", default="1",

@@ -318,9 +318,23 @@ def test_write_quorum_and_catch_up_over_real_copies(tmp_path: Path) -> None:
         assert one.get("c").collection.upsert(list(range(200, 300)), base[200:300]) == 100  # one is
         assert one.copies.stale() == [(0, 1)]
         assert impls[0].registry.get("c").collection.count() == 300  # the refused write applied on copy 0
+        # Copy 0 recorded that copy 1 missed writes: a router started now (or another replica) knows.
+        restarted = ClusterRegistry(Copies(shard_map, call, timeout_s=2))
+        restarted.open_all()
+        assert restarted.copies.stale() == [(0, 1)]
         dead.clear()
+        # While one router catches copy 1 up, it refuses the others' writes, which mark it again.
+        assert impls[1]._call("", "begin_restore", (), {}) is True
+        restarted.catch_up(0, 1)  # the lease is taken: nothing done
+        assert restarted.copies.stale() == [(0, 1)]
+        seen = impls[0]._marks()[1]
+        assert restarted.get("c").collection.upsert([7], base[7:8]) == 1  # acknowledged by copy 0
+        assert impls[0]._marks()[1] > seen and impls[0]._clear(1, seen) is False  # a clear of the old mark fails
+        impls[1]._call("", "end_restore", (), {})
         one.catch_up(0, 1)  # from copy 0's snapshot
-        assert one.copies.stale() == []
+        assert one.copies.stale() == [] and impls[0]._marks() == {}
+        restarted.copies.load_stale()
+        assert restarted.copies.stale() == []  # the other router learns it too
         assert impls[1].registry.get("c").collection.count() == 300
         q = base[250:251]
         assert [h.id for h in impls[1].registry.get("c").collection.search(q, 5, exact=True)[0]] == \

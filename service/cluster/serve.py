@@ -12,16 +12,21 @@
 - ``Encoder``: onnxruntime (``service.cluster.encoding``), stateless, autoscaled between 1 and
   ``--encoder-max-replicas`` replicas by Serve on the requests in flight; the routers hold no
   model. On nodes offering ``tandem-encoder`` units when the cluster has any (one per replica).
+  ``--encoder-max-replicas 0``: no encoder deployment, each router encodes in its own process
+  (one hop fewer per text query; encoding then scales with ``--router-replicas``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
+import os
 import shutil
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,19 +56,41 @@ CALLS = frozenset({
     "search_detailed", "get", "count_detailed", "scroll", "facet", "payload_indexes", "stats",
     "upsert", "delete", "create_payload_index", "drop_payload_index",
 })
+#: Calls that change a copy's points: refused while it is being caught up.
+WRITES = frozenset({"upsert", "delete", "create_payload_index", "drop_payload_index"})
+
+
+class Restoring(RuntimeError):
+    """A copy being caught up refuses writes: the writer marks it stale again (see ``catch_up``)."""
 
 
 class ShardCopyImpl:
-    """What runs in a shard copy's replica."""
+    """What runs in a shard copy's replica.
+
+    Beside its collections it keeps, durably, which other copies of its shard missed writes it
+    has (``<data dir>.stale.json``: copy -> the mark's generation, which grows with each mark).
+    Routers read these marks when they start and every few seconds, so that a restarted router,
+    or another router replica, knows which copies must catch up before they serve. While a copy
+    is being caught up it refuses writes (``Restoring``), so that a write it misses meanwhile is
+    marked on its peers with a new generation and the catch-up's clearing of the old mark fails.
+    """
+
+    #: A catch-up that did not finish (its router died) stops blocking writes after this long.
+    RESTORE_LEASE_S = 1800.0
 
     def __init__(self, data_dir: str) -> None:
         self.registry = CollectionRegistry(Path(data_dir))
         self.registry.open_all()
+        self.stale_file = Path(data_dir).with_name(Path(data_dir).name + ".stale.json")
+        self._stale_lock = threading.Lock()
+        self._restoring_until = 0.0
 
     async def call(self, name: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return await asyncio.to_thread(self._call, name, method, args, kwargs)
 
     def _call(self, name: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if method in WRITES and time.monotonic() < self._restoring_until:
+            raise Restoring("this copy is being caught up from a peer: it takes writes again once restored")
         if method == "collections":
             return [self._meta(n) for n in self.registry.names()]
         if method == "create":
@@ -75,6 +102,20 @@ class ShardCopyImpl:
             return True
         if method == "ping":
             return True
+        if method == "stale_peers":
+            return self._marks()
+        if method == "mark_stale":
+            return self._mark(set(args[0]))
+        if method == "clear_stale":
+            return self._clear(int(args[0]), args[1])
+        if method == "begin_restore":
+            if time.monotonic() < self._restoring_until:
+                return False  # another router is catching it up
+            self._restoring_until = time.monotonic() + self.RESTORE_LEASE_S
+            return True
+        if method == "end_restore":
+            self._restoring_until = 0.0
+            return True
         if method == "snapshot":
             return self._snapshot(args[0])
         if method == "restore":
@@ -83,6 +124,48 @@ class ShardCopyImpl:
             raise ValueError(f"not a collection call: {method!r}")
         opened = self.registry.get(name)
         return opened.guarded(getattr(opened.collection, method), *args, **kwargs)
+
+    # -- marks of peers that missed writes -----------------------------------------------------
+    def _marks(self) -> dict[int, int]:
+        try:
+            return {int(c): int(g) for c, g in json.loads(self.stale_file.read_text()).items()}
+        except FileNotFoundError:
+            return {}
+
+    def _mark(self, copies: set[int]) -> dict[int, int]:
+        with self._stale_lock:
+            marks = self._marks()
+            top = max(marks.values(), default=0)
+            for copy in sorted(copies):
+                top += 1
+                marks[copy] = top
+            self._save(marks)
+            return marks
+
+    def _clear(self, copy: int, generation: int | None) -> bool:
+        """Clear ``copy``'s mark if it is still the one seen (``generation``); False if newer."""
+        with self._stale_lock:
+            marks = self._marks()
+            if marks.get(copy) != generation:
+                return False
+            if generation is not None:
+                del marks[copy]
+                self._save(marks)
+            return True
+
+    def _save(self, marks: dict[int, int]) -> None:
+        """Written whole, then renamed: a crash leaves the old marks or the new ones."""
+        tmp = self.stale_file.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({str(c): g for c, g in marks.items()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.stale_file)
+        fd = os.open(self.stale_file.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _snapshot(self, name: str) -> bytes:
         """The collection's folder (service.json and a consistent copy of the index) as a tar."""
@@ -153,10 +236,11 @@ class ClusterOptions:
               encoder_max_replicas: int = 4, write_quorum: str | int = 1, ingest_actors: int = 4) -> ClusterOptions:
         """From ``tandem cluster``'s flags, or a Serve config's ``args``; ValueError says what is wrong."""
         shard_map = ShardMap(int(shards), int(replicas))
-        for flag, value in (("router-replicas", router_replicas), ("encoder-max-replicas", encoder_max_replicas),
-                            ("ingest-actors", ingest_actors)):
+        for flag, value in (("router-replicas", router_replicas), ("ingest-actors", ingest_actors)):
             if int(value) < 1:
                 raise ValueError(f"--{flag} must be at least 1, got {value}")
+        if int(encoder_max_replicas) < 0:
+            raise ValueError(f"--encoder-max-replicas must be 0 (routers encode) or more, got {encoder_max_replicas}")
         if float(shard_timeout_s) <= 0:
             raise ValueError(f"--shard-timeout-s must be positive, got {shard_timeout_s}")
         return cls(shard_map, timeout_s=float(shard_timeout_s), router_replicas=int(router_replicas),
@@ -182,7 +266,8 @@ def build(settings: Settings, options: ClusterOptions) -> Any:
                 str(settings.data_dir / name)))
 
     encoder = None
-    if settings.model_dir is not None:
+    remote = settings.model_dir is not None and options.encoder_max_replicas > 0  # else the routers encode
+    if remote:
         encoder = serve.deployment(
             name="Encoder", max_ongoing_requests=8,
             autoscaling_config={"min_replicas": 1, "max_replicas": options.encoder_max_replicas,
@@ -203,7 +288,7 @@ def build(settings: Settings, options: ClusterOptions) -> Any:
         copies = Copies(shard_map, call_copies(shard_map, pool, timeout_s), timeout_s=timeout_s,
                         write_quorum=options.write_quorum)
         load_encoder = None
-        if settings.model_dir is not None:
+        if remote:
             def load_encoder() -> Any:
                 handle = serve.get_deployment_handle("Encoder", app_name=APP_NAME)
                 # The first call waits for a replica to load the model.

@@ -22,6 +22,7 @@ several would each keep their own).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -132,13 +133,47 @@ class Copies:
                     f"shard {shard} of collection {name!r}: no copy answered within {self.timeout_s:g} s "
                     f"({type(failed[shard]).__name__}); retry later"
                 )
-        with self._lock:
-            self._stale.update((s, c) for s, copies in lacking.items() if s in results for c in copies)
+        for shard, copies in lacking.items():
+            if shard in results:
+                self._missed(shard, set(copies), holders=[c for c in range(self.map.replicas) if c not in copies])
         return results
 
     def call_one(self, shard: int, copy: int, method: str, args: tuple[Any, ...], timeout_s: float) -> Any:
         """A registry-level ``method`` on one copy (catch-up), with its own timeout."""
         return self._call(shard, copy, "", method, args, {}, timeout=timeout_s).result(timeout=timeout_s + 1)
+
+    def _missed(self, shard: int, copies: set[int], holders: Sequence[int]) -> None:
+        """``copies`` of ``shard`` missed what ``holders`` have: stale, here and durably on the
+        holders (before the write that caused it is acknowledged), so that a restarted router and
+        the other router replicas know it too (``load_stale``)."""
+        with self._lock:
+            self._stale.update((shard, c) for c in copies)
+        futures = [self._call(shard, h, "", "mark_stale", (sorted(copies),), {}) for h in holders]
+        for holder, future in zip(holders, futures, strict=True):
+            try:
+                future.result(timeout=self.timeout_s)
+            except Exception as exc:  # the holder failed too: the next write or read marks it
+                logger.warning("shard %d copy %d did not record that copies %s are stale: %r", shard, holder,
+                               sorted(copies), exc)
+
+    def load_stale(self) -> None:
+        """The stale marks the copies hold (``service.cluster.serve.ShardCopyImpl``): for a shard
+        whose copies all answered, they replace this router's; else they add to them."""
+        asked = {(s, c): self._call(s, c, "", "stale_peers", (), {})
+                 for s in range(self.map.shards) for c in range(self.map.replicas)}
+        found: dict[int, set[int]] = {}
+        complete: set[int] = set(range(self.map.shards))
+        for (shard, _copy), future in asked.items():
+            try:
+                marks: dict[int, int] = future.result(timeout=self.timeout_s)
+            except Exception:
+                complete.discard(shard)
+                continue
+            found.setdefault(shard, set()).update(marks)
+        with self._lock:
+            for shard in complete:
+                self._stale = {(s, c) for s, c in self._stale if s != shard}
+            self._stale.update((s, c) for s, copies in found.items() for c in copies)
 
     def fresh(self, shard: int, copy: int) -> None:
         with self._lock:
@@ -163,36 +198,39 @@ class Copies:
                kwargs: dict[str, Any]) -> dict[int, Any]:
         now = time.monotonic()
         pending: list[tuple[int, int, Future[Any]]] = []
+        missed: dict[int, set[int]] = {}  # shard -> copies that did not make this write durable
         for shard in shards:
             with self._lock:
                 live = [c for c in range(self.map.replicas)
                         if now - self._down.get((shard, c), -1e18) >= self.retry_down_s]
                 if len(live) < self.write_quorum:
                     live = list(range(self.map.replicas))  # a down mark may be old: try them all
-                self._stale.update((shard, c) for c in range(self.map.replicas) if c not in live)
+            missed[shard] = {c for c in range(self.map.replicas) if c not in live}
             for copy in live:
                 pending.append((shard, copy, self._call(shard, copy, name, method, args(shard), kwargs)))
         results: dict[int, Any] = {}
-        durable: dict[int, int] = {}  # shard -> copies that made it durable
+        durable: dict[int, list[int]] = {}  # shard -> copies that made it durable
         errors: dict[int, BaseException] = {}
         refused: dict[int, TandemError] = {}  # shard -> what a copy of it refused with
         refusing: list[tuple[int, int]] = []
         for shard, copy, future in pending:
             try:
                 results[shard] = future.result(timeout=self.timeout_s)
-                durable[shard] = durable.get(shard, 0) + 1
+                durable.setdefault(shard, []).append(copy)
                 self.mark(shard, copy, ok=True)
             except TandemError as exc:
                 refused.setdefault(shard, exc)  # validated on the router: a full disk, or a lost collection
                 refusing.append((shard, copy))
-            except Exception as exc:
+            except Exception as exc:  # died, too slow, or being caught up: it may or may not have applied it
                 self.mark(shard, copy, ok=False)
-                with self._lock:
-                    self._stale.add((shard, copy))  # it may or may not have applied it
+                missed[shard].add(copy)
                 errors[shard] = exc
-        with self._lock:  # a copy that refused what a peer of its shard committed differs from it now
-            self._stale.update((s, c) for s, c in refusing if s in results)
-        missing = [s for s in shards if durable.get(s, 0) < self.write_quorum]
+        for shard, copy in refusing:  # a copy that refused what a peer committed differs from it now
+            missed[shard].add(copy)
+        for shard, copies in missed.items():
+            if copies and durable.get(shard):
+                self._missed(shard, copies, holders=durable[shard])
+        missing = [s for s in shards if len(durable.get(s, ())) < self.write_quorum]
         for shard in missing:
             if shard in refused:
                 raise refused[shard]  # e.g. every copy's disk is full: the client's answer
@@ -374,6 +412,10 @@ class ClusterRegistry:
 
     def _catch_up_loop(self) -> None:
         while not self._stop.wait(self.CATCH_UP_EVERY_S):
+            try:
+                self.copies.load_stale()  # marks made by other routers, or before a restart
+            except Exception as exc:
+                logger.warning("stale marks not read: %r", exc)
             for shard, copy in self.copies.stale():
                 try:
                     self.catch_up(shard, copy)
@@ -382,22 +424,44 @@ class ClusterRegistry:
 
     def catch_up(self, shard: int, copy: int) -> None:
         """Make a stale copy equal to a fresh copy of its shard: each collection from the peer's
-        snapshot; collections the peer no longer has, dropped. Writes to the shard wait meanwhile."""
-        self.copies.call_one(shard, copy, "ping", (), self.copies.timeout_s)  # back at all?
-        with self.copies.shard_locks[shard]:
-            stale = set(self.copies.stale())  # under the lock: no write changes it meanwhile
-            peers = [c for c in range(self.copies.map.replicas) if c != copy and (shard, c) not in stale]
-            if not peers:
-                return  # nothing fresher to copy from
-            peer = peers[0]
-            have = {m["name"] for m in self.copies.call_one(shard, copy, "collections", (), self.copies.timeout_s)}
-            want = [m["name"] for m in self.copies.call_one(shard, peer, "collections", (), self.copies.timeout_s)]
-            for name in have - set(want):
-                self.copies.call_one(shard, copy, "drop", (name,), self.copies.timeout_s)
-            for name in want:
-                data = self.copies.call_one(shard, peer, "snapshot", (name,), self.SNAPSHOT_TIMEOUT_S)
-                self.copies.call_one(shard, copy, "restore", (name, data), self.SNAPSHOT_TIMEOUT_S)
-            self.copies.fresh(shard, copy)
+        snapshot; collections the peer no longer has, dropped. This router's writes to the shard
+        wait meanwhile; the copy refuses other routers' writes until it is restored, and they
+        mark it stale again, so that clearing the marks seen before the snapshot fails and it is
+        caught up once more. It serves again once every peer's mark of it is cleared."""
+        call = self.copies.call_one
+        timeout = self.copies.timeout_s
+        call(shard, copy, "ping", (), timeout)  # back at all?
+        if not call(shard, copy, "begin_restore", (), timeout):
+            return  # another router is catching it up
+        try:
+            with self.copies.shard_locks[shard]:
+                stale = set(self.copies.stale())  # under the lock: no write of this router changes it
+                peers = [c for c in range(self.copies.map.replicas) if c != copy and (shard, c) not in stale]
+                if not peers:
+                    return  # nothing fresher to copy from
+                peer = peers[0]
+                marks = {}  # each other copy's mark of this one, as it was before the snapshot
+                for other in range(self.copies.map.replicas):
+                    if other != copy:
+                        with contextlib.suppress(Exception):  # it answers later: the copy stays stale
+                            marks[other] = call(shard, other, "stale_peers", (), timeout).get(copy)
+                have = {m["name"] for m in call(shard, copy, "collections", (), timeout)}
+                want = [m["name"] for m in call(shard, peer, "collections", (), timeout)]
+                for name in have - set(want):
+                    call(shard, copy, "drop", (name,), timeout)
+                for name in want:
+                    data = call(shard, peer, "snapshot", (name,), self.SNAPSHOT_TIMEOUT_S)
+                    call(shard, copy, "restore", (name, data), self.SNAPSHOT_TIMEOUT_S)
+                cleared = [call(shard, other, "clear_stale", (copy, generation), timeout)
+                           for other, generation in marks.items()]
+                if len(marks) < self.copies.map.replicas - 1 or not all(cleared):
+                    logger.warning("shard %d copy %d restored from copy %d, but missed a write meanwhile or a "
+                                   "peer did not answer: it is caught up again", shard, copy, peer)
+                    return
+                self.copies.fresh(shard, copy)
+        finally:
+            with contextlib.suppress(Exception):  # else the lease runs out
+                call(shard, copy, "end_restore", (), timeout)
         logger.warning("shard %d copy %d caught up from copy %d (%d collections)", shard, copy, peer, len(want))
 
     def _every_copy(self, method: str, *args: Any) -> list[Any]:
@@ -417,6 +481,8 @@ class ClusterRegistry:
                     raise
                 time.sleep(1.0)
         listed = [m for m in listed if m["name"] not in self._dropped]
+        if wait_s > 0:  # at start-up, before serving: which copies missed writes
+            self.copies.load_stale()
         with self._lock:
             for meta in listed:
                 if meta["name"] not in self._open:
