@@ -43,6 +43,8 @@ def resolve(import_dir: Path | None, names: list[str]) -> list[InputFile]:
     root = import_dir.resolve()
     files = []
     for name in names:
+        if "\x00" in name:
+            raise Unprocessable(f"{name!r}: a path may not hold a NUL character")
         path = (root / name).resolve()
         if not path.is_relative_to(root):
             raise Forbidden(f"{name!r} is outside the import folder: name a file under --import-dir")

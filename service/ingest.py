@@ -137,7 +137,7 @@ class Ingestor:
     async def accept_files(self, opened: OpenCollection, names: list[str]) -> tuple[Job, int]:
         """A job over files under --import-dir; returns (job, bytes of the files)."""
         self.runtime.job_store()  # 503 before start-up opened it
-        found = input_files.resolve(self.runtime.settings.import_dir, names)
+        found = await run_in_threadpool(input_files.resolve, self.runtime.settings.import_dir, names)
         job = Job(job_id=uuid.uuid4().hex, collection=opened.name)
         size = sum(f.size for f in found)
         path = self._spool_path(job.job_id)

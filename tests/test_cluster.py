@@ -324,13 +324,13 @@ def test_write_quorum_and_catch_up_over_real_copies(tmp_path: Path) -> None:
         assert restarted.copies.stale() == [(0, 1)]
         dead.clear()
         # While one router catches copy 1 up, it refuses the others' writes, which mark it again.
-        assert impls[1]._call("", "begin_restore", (), {}) is True
+        assert impls[1]._call("", "lease", ("another-router", 60.0), {}) is True
         restarted.catch_up(0, 1)  # the lease is taken: nothing done
         assert restarted.copies.stale() == [(0, 1)]
         seen = impls[0]._marks()[1]
         assert restarted.get("c").collection.upsert([7], base[7:8]) == 1  # acknowledged by copy 0
         assert impls[0]._marks()[1] > seen and impls[0]._clear(1, seen) is False  # a clear of the old mark fails
-        impls[1]._call("", "end_restore", (), {})
+        impls[1]._call("", "end_restore", ("another-router",), {})
         one.catch_up(0, 1)  # from copy 0's snapshot
         assert one.copies.stale() == [] and impls[0]._marks() == {}
         restarted.copies.load_stale()

@@ -2,9 +2,10 @@
 
 ``POST /collections/{name}/ingest/files`` on a router runs ``load_files`` in its job thread:
 
-1. Ray Data reads each file (``read_text`` for NDJSON, ``read_parquet``; rows of Parquet become
-   NDJSON lines as on a single node, ``service.files.point_line``), on any node: the files must
-   be at the same path on every node (a shared volume).
+1. Ray Data reads each file (``read_binary_files`` for NDJSON, split on newlines as a single
+   node does, a file at a time in memory; ``read_parquet``, whose rows become NDJSON lines as on
+   a single node, ``service.files.point_line``), on any node: the files must be at the same path
+   on every node (a shared volume).
 2. ``map_batches`` on an actor pool (``Encode``: today's onnxruntime encoder, one thread and one
    CPU per actor, 1 to ``max_actors`` actors) parses the lines and encodes the texts of points
    that have no vector.
@@ -21,6 +22,7 @@ running it again is harmless, as upserts replace points by id.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,12 +71,28 @@ class Encode:
 
 
 def _parquet_lines(batch: Any) -> dict[str, np.ndarray]:
-    lines = [point_line(row).decode().rstrip("\n") for row in batch.drop_columns(["path"]).to_pylist()]
-    return {"line": np.array(lines, dtype=object), "path": batch.column("path").to_numpy(zero_copy_only=False)}
+    lines = [point_line(row)[:-1] for row in batch.drop_columns(["path"]).to_pylist()]
+    return {"line": _objects(lines), "path": batch.column("path").to_numpy(zero_copy_only=False)}
 
 
 def _ndjson_lines(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"line": batch["text"], "path": batch["path"]}
+    """Whole files into lines as a single node reads them: split on newlines only (a JSON
+    string may hold U+2028), as bytes (a line of bad UTF-8 is one bad line, not a failed job)."""
+    lines: list[bytes] = []
+    paths: list[str] = []
+    for data, path in zip(batch["bytes"], batch["path"], strict=True):
+        parts = bytes(data).split(b"\n")
+        if parts and parts[-1] == b"":
+            parts.pop()  # the newline that ends the last line
+        lines += parts
+        paths += [str(path)] * len(parts)
+    return {"line": _objects(lines), "path": _objects(paths)}
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 def _runs(files: list[InputFile]) -> list[list[InputFile]]:
@@ -90,7 +108,9 @@ def _runs(files: list[InputFile]) -> list[list[InputFile]]:
 
 def files_loader(model_dir: str | None, *, quantized: bool, providers: list[str] | None,
                  max_actors: int) -> Any:
-    """The ``load_files`` of cluster mode (``service.runtime.Runtime``)."""
+    """The ``load_files`` of cluster mode (``service.runtime.Runtime``). ``model_dir``: the
+    encoder the actors load (None: none; texts are encoded by the router as a single node does)."""
+    model = None if model_dir is None else Path(model_dir).name
 
     def load_files(ingestor: Ingestor, job: Job, opened: OpenCollection, files: list[InputFile]) -> None:
         from service.files import describe
@@ -102,13 +122,14 @@ def files_loader(model_dir: str | None, *, quantized: bool, providers: list[str]
         for run in _runs(files):
             paths = [str(f.path) for f in run]
             if run[0].format == "ndjson":
-                ds = ray.data.read_text(paths, drop_empty_lines=False, include_paths=True).map_batches(
-                    _ndjson_lines, batch_format="numpy")
+                ds = ray.data.read_binary_files(paths, include_paths=True).map_batches(
+                    _ndjson_lines, batch_size=1, batch_format="numpy")
             else:
                 ds = ray.data.read_parquet(paths, include_paths=True).map_batches(
                     _parquet_lines, batch_format="pyarrow")
             config = opened.collection.config
-            if model_dir is not None and opened.encoder is not None and config.multivector is None:
+            # Only for the collection's own encoder: another one is refused line by line, as on a single node.
+            if model_dir is not None and opened.encoder == model and config.multivector is None:
                 ds = ds.map_batches(
                     Encode, batch_size=BATCH, batch_format="numpy", num_cpus=1,
                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
@@ -146,7 +167,7 @@ class _Loader:
                 name = names.get(str(batch["path"][i]), str(batch["path"][i]))
                 self.spans[name] = (self.spans.get(name, (number, 0))[0], number)
                 job.lines_read = number
-                if len(line.encode()) > limit:
+                if len(line) > limit:
                     ingestor.fail(job, number, f"line longer than {limit} bytes (--max-line-bytes)")
                     continue
                 if not line.strip():

@@ -44,10 +44,13 @@ class EncoderImpl:
 class RemoteEncoder:
     """A ``TextEncoder`` whose work runs on the encoder deployment (``handle``)."""
 
+    #: At start-up, the first encoder replica may still be scheduled and loading its model.
+    START_TIMEOUT_S = 600.0
+
     def __init__(self, handle: Any, model_dir: Path, *, timeout_s: float) -> None:
         self._handle = handle
         self.timeout_s = timeout_s
-        about = handle.describe.remote().result(timeout_s=timeout_s)
+        about = handle.describe.remote().result(timeout_s=self.START_TIMEOUT_S)
         self.name: str = about["name"]
         self.dim: int = about["dim"]
         self.provider: str = about["provider"]

@@ -56,8 +56,8 @@ CALLS = frozenset({
     "search_detailed", "get", "count_detailed", "scroll", "facet", "payload_indexes", "stats",
     "upsert", "delete", "create_payload_index", "drop_payload_index",
 })
-#: Calls that change a copy's points: refused while it is being caught up.
-WRITES = frozenset({"upsert", "delete", "create_payload_index", "drop_payload_index"})
+#: Calls that change a copy: refused while it is being caught up.
+WRITES = frozenset({"upsert", "delete", "create_payload_index", "drop_payload_index", "create", "drop"})
 
 
 class Restoring(RuntimeError):
@@ -65,7 +65,7 @@ class Restoring(RuntimeError):
 
 
 class ShardCopyImpl:
-    """What runs in a shard copy's replica.
+    """What runs in a shard copy's replica (one at a time: no two replicas share a data dir).
 
     Beside its collections it keeps, durably, which other copies of its shard missed writes it
     has (``<data dir>.stale.json``: copy -> the mark's generation, which grows with each mark).
@@ -75,29 +75,41 @@ class ShardCopyImpl:
     marked on its peers with a new generation and the catch-up's clearing of the old mark fails.
     """
 
-    #: A catch-up that did not finish (its router died) stops blocking writes after this long.
-    RESTORE_LEASE_S = 1800.0
-
     def __init__(self, data_dir: str) -> None:
         self.registry = CollectionRegistry(Path(data_dir))
         self.registry.open_all()
         self.stale_file = Path(data_dir).with_name(Path(data_dir).name + ".stale.json")
         self._stale_lock = threading.Lock()
-        self._restoring_until = 0.0
+        self._lease = threading.Condition()  # guards the three below
+        self._lease_token: str | None = None  # the catch-up under way, if any
+        self._lease_until = 0.0  # it stops blocking writes then, unless renewed (its router died)
+        self._writing = 0  # writes under way
 
     async def call(self, name: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return await asyncio.to_thread(self._call, name, method, args, kwargs)
 
     def _call(self, name: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if method in WRITES and time.monotonic() < self._restoring_until:
-            raise Restoring("this copy is being caught up from a peer: it takes writes again once restored")
+        if method in WRITES:
+            with self._lease:
+                if self._lease_token is not None and time.monotonic() < self._lease_until:
+                    raise Restoring("this copy is being caught up from a peer: it takes writes again once restored")
+                self._writing += 1
+            try:
+                return self._dispatch(name, method, args, kwargs)
+            finally:
+                with self._lease:
+                    self._writing -= 1
+                    self._lease.notify_all()
+        return self._dispatch(name, method, args, kwargs)
+
+    def _dispatch(self, name: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if method == "collections":
             return [self._meta(n) for n in self.registry.names()]
         if method == "create":
             collection_name, config_json, encoder, created_at = args
             self.registry.create(collection_name, CollectionConfig.model_validate_json(config_json), encoder)
             return self._meta(collection_name)
-        if method == "drop":
+        if method in ("drop", "restore_drop"):  # restore_drop: the catch-up's own, under its lease
             self.registry.drop(args[0])
             return True
         if method == "ping":
@@ -108,13 +120,12 @@ class ShardCopyImpl:
             return self._mark(set(args[0]))
         if method == "clear_stale":
             return self._clear(int(args[0]), args[1])
-        if method == "begin_restore":
-            if time.monotonic() < self._restoring_until:
-                return False  # another router is catching it up
-            self._restoring_until = time.monotonic() + self.RESTORE_LEASE_S
-            return True
+        if method == "lease":
+            return self._take_lease(*args)
         if method == "end_restore":
-            self._restoring_until = 0.0
+            with self._lease:
+                if self._lease_token == args[0]:
+                    self._lease_token = None
             return True
         if method == "snapshot":
             return self._snapshot(args[0])
@@ -124,6 +135,19 @@ class ShardCopyImpl:
             raise ValueError(f"not a collection call: {method!r}")
         opened = self.registry.get(name)
         return opened.guarded(getattr(opened.collection, method), *args, **kwargs)
+
+    def _take_lease(self, token: str, seconds: float) -> bool:
+        """Take (or, with the same token, renew) the catch-up lease for ``seconds``; False if
+        another catch-up holds it. Once taken, waits for the writes under way to finish."""
+        with self._lease:
+            now = time.monotonic()
+            if self._lease_token not in (None, token) and now < self._lease_until:
+                return False
+            self._lease_token, self._lease_until = token, now + seconds
+            if not self._lease.wait_for(lambda: self._writing == 0, timeout=seconds):
+                self._lease_token = None
+                return False
+            return True
 
     # -- marks of peers that missed writes -----------------------------------------------------
     def _marks(self) -> dict[int, int]:

@@ -7,17 +7,23 @@ and merge them by score: exact searches answer what a single node over the same 
 answers (ids and scores), since every score is computed alone, on the copy that holds it.
 
 Writes are validated whole on the router first (nothing is sent for a bad batch), then each
-shard's points go to every copy of that shard not marked down, in parallel. A write returns
-once every such copy made it durable (each copy commits before it answers). A copy that fails
-during it is marked down; the write succeeds when at least ``write_quorum`` copies of each
-shard made it durable (``tandem cluster --write-quorum``, default 1; ``Copies.write``). A copy
-that missed a write (down, failed, or skipped) is **stale**: reads go to it only when no fresh
-copy of its shard answers, so a returning copy never serves answers older than its peer's while
-the peer is up. Once a stale copy answers again, the router catches it up
-(``ClusterRegistry.catch_up``): each collection from a fresh peer's snapshot, with the shard's
-writes held meanwhile; then it serves again. The router's memory of which copies are stale is
-in RAM: a router restarted while a copy is stale forgets it (one router replica by default;
-several would each keep their own).
+shard's points go to every copy of that shard not marked down, in parallel, and the router
+waits for each of them (or its timeout). A copy that missed the write (down, failed, refused,
+or skipped) is **stale**: the copies that made it durable record that, durably, before the
+write is acknowledged (``Copies._missed``); the write succeeds when at least ``write_quorum``
+fresh copies of each shard made it durable and recorded the marks (``tandem cluster
+--write-quorum``, default 1). A stale copy's commit does not count: it may lack earlier writes.
+Reads go to a stale copy only when no fresh copy of its shard answers. Routers load the copies'
+marks when they start and every ``CATCH_UP_EVERY_S`` (``Copies.load_stale``), so a restarted
+router or another router replica knows them. Once a stale copy answers, a router catches it up
+(``ClusterRegistry.catch_up``): each collection from a fresh peer's snapshot, that router's
+writes to the shard held, the copy refusing the others' writes under a lease; it serves again
+once every peer's mark of it is cleared, which fails if a mark was renewed meanwhile.
+
+What this does not cover: with several router replicas, a write of one router that reaches the
+peer after the snapshot while the copy accepted it before the lease can be lost on the restored
+copy (each copy's writes are not sequenced, so a catch-up cannot replay what it missed); a
+write refused by every copy of a shard (a 503) may be applied on some, until it is retried.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -61,7 +68,8 @@ class Copies:
         self.timeout_s = timeout_s
         self.retry_down_s = retry_down_s
         self._down: dict[tuple[int, int], float] = {}  # (shard, copy) -> when marked down
-        self._stale: set[tuple[int, int]] = set()  # copies that missed a write
+        self._stale: dict[tuple[int, int], int] = {}  # copies that missed a write -> when marked (epoch)
+        self._epoch = 0  # grows with each mark: a load of the copies' marks keeps marks made meanwhile
         self._next = [0] * shard_map.shards  # round robin over a shard's copies
         self._lock = threading.Lock()
         #: Held while a shard is written, and while a stale copy of it catches up (so no write
@@ -79,6 +87,16 @@ class Copies:
             down = {c for c in order if now - self._down.get((shard, c), -1e18) < self.retry_down_s}
             stale = {c for c in order if (shard, c) in self._stale}
         return sorted(order, key=lambda c: (c in stale, c in down))
+
+    def is_stale(self, shard: int, copy: int) -> bool:
+        with self._lock:
+            return (shard, copy) in self._stale
+
+    def _add_stale(self, pairs: Any) -> None:
+        """Mark ``(shard, copy)`` pairs stale; the caller holds ``_lock``."""
+        self._epoch += 1
+        for pair in pairs:
+            self._stale[pair] = self._epoch
 
     def mark(self, shard: int, copy: int, *, ok: bool) -> None:
         with self._lock:
@@ -102,6 +120,7 @@ class Copies:
         """``method`` on one copy of each shard, in parallel: ``shard -> result``."""
         tries = {s: self.up(s) for s in shards}
         results: dict[int, Any] = {}
+        answered: dict[int, int] = {}  # shard -> the copy that answered
         lacking: dict[int, list[int]] = {}  # shard -> copies that lack the collection
         while tries:
             pending = {s: (copies[0], self._call(s, copies[0], name, method, args(s), kwargs))
@@ -110,6 +129,7 @@ class Copies:
             for shard, (copy, future) in pending.items():
                 try:
                     results[shard] = future.result(timeout=self.timeout_s)
+                    answered[shard] = copy
                     self.mark(shard, copy, ok=True)
                 except CollectionNotFound as exc:
                     if not name:
@@ -134,31 +154,41 @@ class Copies:
                     f"({type(failed[shard]).__name__}); retry later"
                 )
         for shard, copies in lacking.items():
-            if shard in results:
-                self._missed(shard, set(copies), holders=[c for c in range(self.map.replicas) if c not in copies])
+            if shard not in results:
+                continue
+            if self.is_stale(shard, answered[shard]) and not all(self.is_stale(shard, c) for c in copies):
+                raise CollectionNotFound(  # a fresh copy's answer wins over a stale one's
+                    f"no collection named {name!r}: create it with PUT /collections/{name}")
+            self._missed(shard, set(copies), holders=[answered[shard]])
         return results
 
     def call_one(self, shard: int, copy: int, method: str, args: tuple[Any, ...], timeout_s: float) -> Any:
         """A registry-level ``method`` on one copy (catch-up), with its own timeout."""
         return self._call(shard, copy, "", method, args, {}, timeout=timeout_s).result(timeout=timeout_s + 1)
 
-    def _missed(self, shard: int, copies: set[int], holders: Sequence[int]) -> None:
+    def _missed(self, shard: int, copies: set[int], holders: Sequence[int]) -> list[int]:
         """``copies`` of ``shard`` missed what ``holders`` have: stale, here and durably on the
-        holders (before the write that caused it is acknowledged), so that a restarted router and
-        the other router replicas know it too (``load_stale``)."""
+        holders, so that a restarted router and the other router replicas know it too
+        (``load_stale``). Returns the holders that recorded it: only they may acknowledge the
+        write that caused it."""
         with self._lock:
-            self._stale.update((shard, c) for c in copies)
+            self._add_stale((shard, c) for c in copies)
         futures = [self._call(shard, h, "", "mark_stale", (sorted(copies),), {}) for h in holders]
+        recorded = []
         for holder, future in zip(holders, futures, strict=True):
             try:
                 future.result(timeout=self.timeout_s)
-            except Exception as exc:  # the holder failed too: the next write or read marks it
+                recorded.append(holder)
+            except Exception as exc:
                 logger.warning("shard %d copy %d did not record that copies %s are stale: %r", shard, holder,
                                sorted(copies), exc)
+        return recorded
 
     def load_stale(self) -> None:
         """The stale marks the copies hold (``service.cluster.serve.ShardCopyImpl``): for a shard
         whose copies all answered, they replace this router's; else they add to them."""
+        with self._lock:
+            since = self._epoch
         asked = {(s, c): self._call(s, c, "", "stale_peers", (), {})
                  for s in range(self.map.shards) for c in range(self.map.replicas)}
         found: dict[int, set[int]] = {}
@@ -171,13 +201,15 @@ class Copies:
                 continue
             found.setdefault(shard, set()).update(marks)
         with self._lock:
-            for shard in complete:
-                self._stale = {(s, c) for s, c in self._stale if s != shard}
-            self._stale.update((s, c) for s, copies in found.items() for c in copies)
+            for shard in complete:  # marks made since the question was asked stay
+                self._stale = {(s, c): e for (s, c), e in self._stale.items() if s != shard or e > since}
+            for shard, copies in found.items():
+                for copy in copies:
+                    self._stale.setdefault((shard, copy), since)
 
     def fresh(self, shard: int, copy: int) -> None:
         with self._lock:
-            self._stale.discard((shard, copy))
+            self._stale.pop((shard, copy), None)
             self._down.pop((shard, copy), None)
 
     def write(self, shards: Sequence[int], name: str, method: str, args: Callable[[int], tuple[Any, ...]],
@@ -227,10 +259,12 @@ class Copies:
                 errors[shard] = exc
         for shard, copy in refusing:  # a copy that refused what a peer committed differs from it now
             missed[shard].add(copy)
-        for shard, copies in missed.items():
-            if copies and durable.get(shard):
-                self._missed(shard, copies, holders=durable[shard])
-        missing = [s for s in shards if len(durable.get(s, ())) < self.write_quorum]
+        counted: dict[int, list[int]] = {}  # shard -> fresh copies that made it durable (and hold any mark)
+        for shard in shards:
+            fresh = [c for c in durable.get(shard, []) if not self.is_stale(shard, c)]
+            counted[shard] = self._missed(shard, missed[shard], holders=fresh) if missed[shard] and fresh else fresh
+        # A stale copy's commit does not count: it may lack earlier writes, and a catch-up replaces it.
+        missing = [s for s in shards if len(counted[s]) < self.write_quorum]
         for shard in missing:
             if shard in refused:
                 raise refused[shard]  # e.g. every copy's disk is full: the client's answer
@@ -425,43 +459,49 @@ class ClusterRegistry:
     def catch_up(self, shard: int, copy: int) -> None:
         """Make a stale copy equal to a fresh copy of its shard: each collection from the peer's
         snapshot; collections the peer no longer has, dropped. This router's writes to the shard
-        wait meanwhile; the copy refuses other routers' writes until it is restored, and they
-        mark it stale again, so that clearing the marks seen before the snapshot fails and it is
-        caught up once more. It serves again once every peer's mark of it is cleared."""
+        wait meanwhile. The copy refuses other routers' writes under a lease (renewed for each
+        collection), so that they mark it stale again: clearing the marks seen before the
+        snapshot then fails and it is caught up once more. It serves again once every peer's
+        mark of it is cleared."""
         call = self.copies.call_one
         timeout = self.copies.timeout_s
+        replicas = self.copies.map.replicas
+        lease = (uuid.uuid4().hex, 2 * self.SNAPSHOT_TIMEOUT_S + 60)
         call(shard, copy, "ping", (), timeout)  # back at all?
-        if not call(shard, copy, "begin_restore", (), timeout):
-            return  # another router is catching it up
         try:
+            if not call(shard, copy, "lease", lease, lease[1] + timeout):
+                return  # another router is catching it up
             with self.copies.shard_locks[shard]:
+                marks: dict[int, dict[int, int]] = {}  # each copy's marks, as before the snapshot
+                for other in range(replicas):
+                    with contextlib.suppress(Exception):  # it answers later: the copy stays stale
+                        marks[other] = call(shard, other, "stale_peers", (), timeout)
                 stale = set(self.copies.stale())  # under the lock: no write of this router changes it
-                peers = [c for c in range(self.copies.map.replicas) if c != copy and (shard, c) not in stale]
+                marked = {c for m in marks.values() for c in m}  # by any router, the target included
+                peers = [c for c in range(replicas) if c != copy and (shard, c) not in stale and c not in marked]
                 if not peers:
-                    return  # nothing fresher to copy from
+                    return  # nothing fresh to copy from
                 peer = peers[0]
-                marks = {}  # each other copy's mark of this one, as it was before the snapshot
-                for other in range(self.copies.map.replicas):
-                    if other != copy:
-                        with contextlib.suppress(Exception):  # it answers later: the copy stays stale
-                            marks[other] = call(shard, other, "stale_peers", (), timeout).get(copy)
                 have = {m["name"] for m in call(shard, copy, "collections", (), timeout)}
                 want = [m["name"] for m in call(shard, peer, "collections", (), timeout)]
                 for name in have - set(want):
-                    call(shard, copy, "drop", (name,), timeout)
+                    call(shard, copy, "restore_drop", (name,), timeout)
                 for name in want:
+                    if not call(shard, copy, "lease", lease, lease[1] + timeout):  # renewed: still ours
+                        return
                     data = call(shard, peer, "snapshot", (name,), self.SNAPSHOT_TIMEOUT_S)
                     call(shard, copy, "restore", (name, data), self.SNAPSHOT_TIMEOUT_S)
-                cleared = [call(shard, other, "clear_stale", (copy, generation), timeout)
-                           for other, generation in marks.items()]
-                if len(marks) < self.copies.map.replicas - 1 or not all(cleared):
+                others = [c for c in range(replicas) if c != copy]
+                cleared = [c in marks and call(shard, c, "clear_stale", (copy, marks[c].get(copy)), timeout)
+                           for c in others]
+                if not all(cleared):
                     logger.warning("shard %d copy %d restored from copy %d, but missed a write meanwhile or a "
                                    "peer did not answer: it is caught up again", shard, copy, peer)
                     return
                 self.copies.fresh(shard, copy)
         finally:
             with contextlib.suppress(Exception):  # else the lease runs out
-                call(shard, copy, "end_restore", (), timeout)
+                call(shard, copy, "end_restore", (lease[0],), timeout)
         logger.warning("shard %d copy %d caught up from copy %d (%d collections)", shard, copy, peer, len(want))
 
     def _every_copy(self, method: str, *args: Any) -> list[Any]:
