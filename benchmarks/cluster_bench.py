@@ -248,6 +248,12 @@ def call_costs() -> dict[str, Any]:
     return costs
 
 
+def _label(name: str) -> str:
+    """'cluster 2 shards x 2 copies' -> '2 x 2'; 'cluster 1 x 1, routers encode' -> '1 x 1\nrouters encode'."""
+    short = name.replace("cluster ", "").replace(" shards", "").replace(" shard", "")
+    return short.replace(" copies", "").replace(" copy", "").replace(", ", "\n")
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -270,7 +276,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[3].bar(x + 0.2, [r["ingest_texts_per_s"] / 10 for r in runs], 0.4, label="file ingestion texts/s / 10")
     axes[3].legend(fontsize=8)
     for ax in axes:
-        ax.set_xticks(x, [n.replace("cluster ", "").replace(" x ", "x\n").replace(", ", ",\n") for n in names], fontsize=8)
+        ax.set_xticks(x, [_label(n) for n in names], fontsize=8)
     fig.suptitle(f"cluster mode on one {result['machine']['cpus']}-core machine: 116,659 glosses")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

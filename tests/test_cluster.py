@@ -35,6 +35,23 @@ def test_points_go_to_shards_by_a_stable_hash_of_their_id() -> None:
             ShardMap(*bad)
 
 
+def test_cluster_flags_are_checked() -> None:
+    from service.cluster.serve import ClusterOptions
+
+    options = ClusterOptions.parse(shards=4, replicas=3, write_quorum="majority", encoder_max_replicas=0)
+    assert (options.shard_map, options.write_quorum, options.encoder_max_replicas) == (ShardMap(4, 3), 2, 0)
+    assert ClusterOptions.parse(replicas=3, write_quorum="all").write_quorum == 3
+    for bad, why in ((dict(shards=0), "shards"), (dict(replicas=2, write_quorum=3), "from 1 to the 2"),
+                     (dict(write_quorum="most"), "'majority' or 'all'"), (dict(router_replicas=0), "router-replicas"),
+                     (dict(encoder_max_replicas=-1), "encoder-max-replicas"), (dict(shard_timeout_s=0), "positive"),
+                     (dict(ingest_actors=0), "ingest-actors")):
+        with pytest.raises(ValueError, match=why):
+            ClusterOptions.parse(**bad)  # type: ignore[arg-type]
+    out = subprocess.run([sys.executable, "-m", "service.cli", "cluster", "--replicas", "2", "--write-quorum", "3"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "write quorum must be from 1 to the 2 replicas" in out.stderr
+
+
 class ClusterServer(Server):
     """`tandem cluster` in a subprocess: it starts a local Ray cluster of its own."""
 
