@@ -115,6 +115,17 @@ def test_cluster_answers_as_a_single_node(pair: tuple[Server, Server]) -> None:
                 got = c.post("/collections/c/search", json=body).json()["hits"]
                 assert [h["id"] for h in got] == [h["id"] for h in want]
                 assert [h["score"] for h in got] == pytest.approx([h["score"] for h in want], abs=1e-6)
+        # Approximate searches (the default): each shard's own top k, merged, at the single node's recall.
+        recall = {}
+        for name, client in (("single", s), ("cluster", c)):
+            found = 0
+            for q in queries:
+                body = {"vector": q.tolist(), "k": 10}
+                exact = client.post("/collections/c/search", json={**body, "exact": True}).json()["hits"]
+                approx = client.post("/collections/c/search", json=body).json()["hits"]
+                found += len({h["id"] for h in exact} & {h["id"] for h in approx})
+            recall[name] = found / (10 * len(queries))
+        assert recall["cluster"] >= recall["single"] - 0.02 and recall["cluster"] >= 0.9, recall
         assert c.get("/collections/c/points/p4").json()["payload"] == {"even": True}
 
         def scrolled(client: Any) -> list[Any]:  # every id, page by page (through the Qdrant dialect)
@@ -323,8 +334,10 @@ def test_write_quorum_and_catch_up_over_real_copies(tmp_path: Path) -> None:
         return pool.submit(run)
 
     base = embeddings(300, DIM, seed=21)
+    opened: list[ClusterRegistry] = []
     try:
         registries = {q: ClusterRegistry(Copies(shard_map, call, timeout_s=2, write_quorum=q)) for q in (1, 2)}
+        opened += registries.values()
         one, both = registries[1], registries[2]
         one.create("c", CollectionConfig(dim=DIM), None)
         both.open_all(wait_s=0)
@@ -337,6 +350,7 @@ def test_write_quorum_and_catch_up_over_real_copies(tmp_path: Path) -> None:
         assert impls[0].registry.get("c").collection.count() == 300  # the refused write applied on copy 0
         # Copy 0 recorded that copy 1 missed writes: a router started now (or another replica) knows.
         restarted = ClusterRegistry(Copies(shard_map, call, timeout_s=2))
+        opened.append(restarted)
         restarted.open_all()
         assert restarted.copies.stale() == [(0, 1)]
         dead.clear()
@@ -367,6 +381,8 @@ def test_write_quorum_and_catch_up_over_real_copies(tmp_path: Path) -> None:
             Copies(shard_map, call, timeout_s=2, write_quorum=3)
         assert shard_map.quorum("majority") == 2 and ShardMap(1, 3).quorum("majority") == 2
     finally:
+        for registry in opened:  # their catch-up threads first: they call the copies
+            registry.close_all()
         for impl in impls:
             impl.registry.close_all()
         pool.shutdown()

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import CollectionDep, ReadyRuntime
-from service.errors import NotFound
-from service.schemas import FileIngest, JobAccepted, JobList, JobState
+from service.errors import NotFound, documented
+from service.schemas import ErrorBody, FileIngest, JobAccepted, JobList, JobState
 
 router = APIRouter(tags=["ingestion"])
 
@@ -39,6 +39,7 @@ async def ingest(request: Request, opened: CollectionDep, runtime: ReadyRuntime)
 @router.post(
     "/collections/{name}/ingest/files", response_model=JobAccepted, status_code=202,
     summary="load NDJSON or Parquet files from the server's --import-dir; processed by a background job",
+    responses=documented(ErrorBody, {403: "a file outside --import-dir, or the server has no --import-dir"}),
 )
 async def ingest_files(body: FileIngest, opened: CollectionDep, runtime: ReadyRuntime) -> JobAccepted:
     job, size = await runtime.job_runner().accept_files(opened, body.paths)
