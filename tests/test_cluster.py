@@ -324,10 +324,13 @@ def test_write_quorum_and_catch_up_over_real_copies(tmp_path: Path) -> None:
     shard_map = ShardMap(1, 2)
     impls = [ShardCopyImpl(str(tmp_path / f"copy{c}")) for c in range(2)]
     dead: set[int] = set()
+    before: dict[str, Any] = {}  # method -> what happens once just before the next such call
     pool = ThreadPoolExecutor(4)
 
     def call(shard: int, copy: int, name: str, method: str, args: Any, kwargs: Any, timeout: Any = None) -> Any:
         def run() -> Any:
+            if method in before:
+                before.pop(method)()
             if copy in dead:
                 raise ConnectionError(f"copy {copy} died")  # as ray.exceptions.ActorDiedError would
             return impls[copy]._call(name, method, args, kwargs)
@@ -362,6 +365,10 @@ def test_write_quorum_and_catch_up_over_real_copies(tmp_path: Path) -> None:
         assert restarted.get("c").collection.upsert([7], base[7:8]) == 1  # acknowledged by copy 0
         assert impls[0]._marks()[1] > seen and impls[0]._clear(1, seen) is False  # a clear of the old mark fails
         impls[1]._call("", "end_restore", ("another-router",), {})
+        # Another router's write lands on copy 0 after its snapshot: the restored copy would lack it.
+        before["restore"] = lambda: impls[0]._call("c", "upsert", ([8], base[8:9]), {})
+        one.catch_up(0, 1)
+        assert one.copies.stale() == [(0, 1)] and not before  # restored, but not fresh: caught up again
         one.catch_up(0, 1)  # from copy 0's snapshot
         assert one.copies.stale() == [] and impls[0]._marks() == {}
         restarted.copies.load_stale()

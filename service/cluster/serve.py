@@ -84,6 +84,7 @@ class ShardCopyImpl:
         self._lease_token: str | None = None  # the catch-up under way, if any
         self._lease_until = 0.0  # it stops blocking writes then, unless renewed (its router died)
         self._writing = 0  # writes under way
+        self._writes = 0  # writes ended since this process started: a catch-up's source must not move
 
     async def call(self, name: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return await asyncio.to_thread(self._call, name, method, args, kwargs)
@@ -99,7 +100,11 @@ class ShardCopyImpl:
             finally:
                 with self._lease:
                     self._writing -= 1
+                    self._writes += 1  # after the commit (or the failure): never before it
                     self._lease.notify_all()
+        if method == "writes":
+            with self._lease:
+                return self._writes
         return self._dispatch(name, method, args, kwargs)
 
     def _dispatch(self, name: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
