@@ -147,7 +147,7 @@ class CollectionRegistry:
         if unavailable is not None:
             raise unavailable
         if found is None:
-            raise CollectionNotFound(f"no collection named {name!r}: create it with PUT /collections/{name}")
+            raise not_found(name)
         return found
 
     def _unavailable(self, name: str) -> CollectionUnavailable:
@@ -175,7 +175,7 @@ class CollectionRegistry:
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
             meta: dict[str, Any] = {"name": name, "encoder": encoder, "created_at": time.time()}
-            _write_json(folder / SERVICE_FILE, meta)
+            write_json(folder / SERVICE_FILE, meta)
             collection = Collection.create(folder / INDEX_DIR, config)
             opened = OpenCollection(name, collection, encoder, float(meta["created_at"]))
             self._open[name] = opened
@@ -213,13 +213,23 @@ def _describe(config: CollectionConfig, encoder: str | None) -> str:
     return f"dim={config.dim} metric={config.metric} coarse={config.coarse} encoder={encoder}"
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def not_found(name: str) -> CollectionNotFound:
+    return CollectionNotFound(f"no collection named {name!r}: create it with PUT /collections/{name}")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Written whole, fsync'd, renamed over ``path``, the rename fsync'd: the old data or the new."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(data, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def conflict(name: str, existing: OpenCollection) -> ConfigConflict:

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,10 +47,10 @@ ENCODER_PROVIDERS: dict[str, list[str] | None] = {
 
 class Runtime:
     def __init__(self, settings: Settings, metrics: Metrics, *, registry: Any = None,
-                 load_encoder: Callable[[], TextEncoder] | None = None,
+                 load_encoder: Callable[[Path], TextEncoder] | None = None,
                  load_files: Callable[..., None] | None = None) -> None:
         self.settings = settings
-        #: Builds the encoder (when ``settings.model_dir`` is set): by default onnxruntime in this
+        #: Builds the encoder from ``settings.model_dir`` (when set): by default onnxruntime in this
         #: process; cluster mode passes one that answers from its encoder deployment.
         self.load_encoder = load_encoder or self._load_local_encoder
         #: Runs a file ingestion job (ingestor, job, collection, files) in the job's thread; by
@@ -100,7 +101,7 @@ class Runtime:
             self.jobs = await run_in_threadpool(JobStore.open, self.settings.data_dir / "jobs.sqlite")
             self.ingestor = Ingestor(self)
             if self.settings.model_dir is not None:
-                encoder = await run_in_threadpool(self.load_encoder)
+                encoder = await run_in_threadpool(self.load_encoder, self.settings.model_dir)
                 probe = await run_in_threadpool(encoder.encode, [PROBE_TEXT])
                 if probe.shape != (1, encoder.dim) or not np.isfinite(probe).all():
                     raise RuntimeError(f"encoder {encoder.name} answered the probe with {probe.shape}")
@@ -130,9 +131,8 @@ class Runtime:
             self.startup_error = f"{type(exc).__name__}: {exc}"
             logger.exception("start-up failed; /readyz stays 503 until this is fixed and the server restarted")
 
-    def _load_local_encoder(self) -> TextEncoder:
-        assert self.settings.model_dir is not None
-        return TextEncoder.load(self.settings.model_dir, threads=self.settings.encoder_threads,
+    def _load_local_encoder(self, model_dir: Path) -> TextEncoder:
+        return TextEncoder.load(model_dir, threads=self.settings.encoder_threads,
                                 quantized=self.settings.encoder_int8, providers=ENCODER_PROVIDERS[self.settings.device])
 
     async def stop(self) -> None:

@@ -22,7 +22,6 @@ import asyncio
 import io
 import json
 import logging
-import os
 import shutil
 import tarfile
 import tempfile
@@ -42,7 +41,7 @@ from service.cluster.bulk import files_loader
 from service.cluster.encoding import EncoderImpl, RemoteEncoder
 from service.cluster.sharded import ClusterRegistry, Copies
 from service.cluster.sharding import ShardMap
-from service.registry import INDEX_DIR, SERVICE_FILE, CollectionRegistry
+from service.registry import INDEX_DIR, SERVICE_FILE, CollectionRegistry, write_json
 from service.runtime import ENCODER_PROVIDERS
 from service.settings import Settings
 
@@ -183,18 +182,7 @@ class ShardCopyImpl:
             return True
 
     def _save(self, marks: dict[int, int]) -> None:
-        """Written whole, then renamed: a crash leaves the old marks or the new ones."""
-        tmp = self.stale_file.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({str(c): g for c, g in marks.items()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.stale_file)
-        fd = os.open(self.stale_file.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_json(self.stale_file, {str(c): g for c, g in marks.items()})
 
     def _snapshot(self, name: str) -> bytes:
         """The collection's folder (service.json and a consistent copy of the index) as a tar."""
@@ -318,11 +306,10 @@ def build(settings: Settings, options: ClusterOptions) -> Any:
                         write_quorum=options.write_quorum)
         load_encoder = None
         if remote:
-            def load_encoder() -> Any:
+            def load_encoder(model_dir: Path) -> Any:
                 handle = serve.get_deployment_handle("Encoder", app_name=APP_NAME)
                 # The first call waits for a replica to load the model.
-                assert settings.model_dir is not None
-                return RemoteEncoder(handle, settings.model_dir, timeout_s=max(timeout_s, 30.0))
+                return RemoteEncoder(handle, model_dir, timeout_s=max(timeout_s, 30.0))
         load_files = files_loader(
             None if settings.model_dir is None else str(settings.model_dir), quantized=settings.encoder_int8,
             providers=ENCODER_PROVIDERS[settings.device], max_actors=options.ingest_max_actors,

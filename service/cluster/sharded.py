@@ -48,7 +48,7 @@ from index.config import SearchMode
 from index.errors import CollectionNotFound, InvalidArgument, TandemError
 from service.cluster.sharding import ShardMap
 from service.errors import CollectionUnavailable
-from service.registry import OpenCollection, check_name, conflict
+from service.registry import OpenCollection, check_name, conflict, not_found
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,7 @@ class Copies:
             if shard not in results:
                 continue
             if self.is_stale(shard, answered[shard]) and not all(self.is_stale(shard, c) for c in copies):
-                raise CollectionNotFound(  # a fresh copy's answer wins over a stale one's
-                    f"no collection named {name!r}: create it with PUT /collections/{name}")
+                raise not_found(name)  # a fresh copy's answer wins over a stale one's
             self._missed(shard, set(copies), holders=[answered[shard]])
         return results
 
@@ -423,10 +422,6 @@ class ShardedCollection:
 def _order(key: PointId) -> tuple[bool, int, str]:
     """Points in the order a collection scrolls them: integers, then strings."""
     return (isinstance(key, str), key if isinstance(key, int) else 0, key if isinstance(key, str) else "")
-
-
-def not_found(name: str) -> CollectionNotFound:
-    return CollectionNotFound(f"no collection named {name!r}: create it with PUT /collections/{name}")
 
 
 class ClusterRegistry:
